@@ -1,0 +1,125 @@
+"""End to end over HTTP: collections of person images searched with IRRA, persistence, and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.irra import IRRAConfig, IRRARetrievalModel
+from tests.conftest import b64, png_bytes
+
+SMALL_IRRA = IRRAConfig(embed_dim=32, vision_width=64, vision_layers=2, vision_heads=2, text_width=64,
+                        text_layers=2, text_heads=2, cmt_depth=1, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def irra_model() -> IRRARetrievalModel:
+    return IRRARetrievalModel.from_config(SMALL_IRRA, seed=0)
+
+
+def person_images(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [png_bytes(tuple(int(c) for c in rng.integers(0, 255, 3)), stripe=int(rng.integers(0, 100)))
+            for _ in range(n)]
+
+
+def test_collection_lifecycle_survives_restart(app_factory, irra_model, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    client = app_factory({"irra": irra_model}, data_dir)
+    created = client.post("/collections", json={"name": "people", "methods": ["irra"]})
+    assert created.status_code == 201, created.text
+    images = person_images(24)
+    items = [{"image_base64": b64(img), "key": f"p{n}.png", "metadata": {"person_id": n // 2, "camera": n % 3}}
+             for n, img in enumerate(images[:20])]
+    added = client.post("/collections/people/items", json={"items": items})
+    assert added.status_code == 201, added.text
+    files = [("files", (f"extra{n}.png", img, "image/png")) for n, img in enumerate(images[20:])]
+    more = client.post("/collections/people/items", files=files,
+                       data={"metadata": json.dumps([{"person_id": 100 + n} for n in range(4)])})
+    assert more.status_code == 201, more.text
+    ids = added.json()["ids"] + more.json()["ids"]
+    assert len(ids) == 24 and len(set(ids)) == 24
+
+    described = client.get("/collections/people").json()
+    assert described["items"] == 24 and described["methods"] == ["irra"]
+
+    query = {"collection": "people", "method": "irra", "query": "a woman in a red coat", "top_k": 24}
+    first = client.post("/search", json=query).json()
+    assert [r["rank"] for r in first["results"]] == list(range(1, 25))
+    scores = [r["score"] for r in first["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert first["model_version"] == irra_model.version and first["index_version"] == 24
+    # the scores are the cosine of the model's own embeddings: check the top hit against a direct encode
+    top = first["results"][0]
+    image = Image.open(io.BytesIO(client.get(top["image_url"]).content)).convert("RGB")
+    direct = float(irra_model.encode_images([image])[0] @ irra_model.encode_texts([query["query"]])[0])
+    assert top["score"] == pytest.approx(direct, abs=1e-5)
+    assert top["metadata"]["person_id"] is not None
+
+    victim = first["results"][0]["id"]
+    assert client.delete(f"/collections/people/items/{victim}").status_code == 204
+    client.__exit__(None, None, None)
+
+    restarted = app_factory({"irra": irra_model}, data_dir)
+    second = restarted.post("/search", json=query).json()
+    assert victim not in [r["id"] for r in second["results"]]
+    assert len(second["results"]) == 23
+    before = {r["id"]: r["score"] for r in first["results"] if r["id"] != victim}
+    after = {r["id"]: r["score"] for r in second["results"]}
+    assert before == after  # identical scores, not just close: same stored vectors, exact flat index
+    assert restarted.get("/collections/people").json()["items"] == 23
+
+
+def test_bad_input_gets_clear_4xx_and_keeps_data(app_factory, irra_model) -> None:
+    client = app_factory({"irra": irra_model})
+    assert client.post("/collections", json={"name": "g", "methods": ["irra"]}).status_code == 201
+    good = {"image_base64": b64(png_bytes((10, 200, 30))), "key": "ok"}
+    assert client.post("/collections/g/items", json={"items": [good]}).status_code == 201
+
+    def error(response, status: int) -> str:
+        assert response.status_code == status, response.text
+        body = response.json()["error"]
+        assert body["message"]
+        return body["code"]
+
+    assert error(client.post("/search", json={"collection": "nope", "method": "irra", "query": "x"}), 404) \
+        == "collection_not_found"
+    not_image = {"image_base64": b64(b"this is not an image"), "key": "bad"}
+    assert error(client.post("/collections/g/items", json={"items": [good | {"key": "ok2"}, not_image]}), 415) \
+        == "invalid_image"
+    truncated = png_bytes((1, 2, 3))[:-40]
+    assert error(client.post("/collections/g/items", files=[("files", ("t.png", truncated, "image/png"))]), 415) \
+        == "invalid_image"
+    assert error(client.post("/search", json={"collection": "g", "method": "irra", "query": "   "}), 422) \
+        == "invalid_request"
+    assert error(client.post("/search", json={"collection": "g", "method": "irra", "query": "x", "top_k": 0}),
+                 422) == "invalid_request"
+    assert error(client.post("/search", json={"collection": "g", "method": "irra", "query": "x", "top_k": 5000}),
+                 422) == "invalid_request"
+    assert error(client.post("/search", json={"collection": "g", "method": "nosuch", "query": "x"}), 422) \
+        == "unknown_method"
+    assert error(client.post("/collections", json={"name": "g", "methods": ["irra"]}), 409) == "collection_exists"
+    assert error(client.post("/collections", json={"name": "../x", "methods": ["irra"]}), 422) \
+        == "invalid_collection_name"
+    assert error(client.post("/collections/g/items", json={"items": [good]}), 409) == "duplicate_key"
+    assert error(client.delete("/collections/g/items/999999"), 404) == "item_not_found"
+    assert error(client.post("/collections/g/items", content=b"{", headers={"content-type": "application/json"}),
+                 422) == "invalid_request"
+    # nothing of the refused requests was stored
+    assert client.get("/collections/g").json()["items"] == 1
+    assert [i["key"] for i in client.get("/collections/g/items").json()] == ["ok"]
+
+
+def test_health_ready_models_and_docs(app_factory, irra_model) -> None:
+    client = app_factory({"irra": irra_model})
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    models = client.get("/models").json()["models"]
+    assert models[0]["method"] == "irra" and models[0]["embed_dim"] == 32
+    assert client.get("/openapi.json").json()["paths"]["/search"]
+    assert "vls_requests_total" in client.get("/metrics").text
