@@ -100,7 +100,9 @@ def config_from_state_dict(
     """Read an ``IVTConfig`` off an official state_dict (``module.`` already stripped).
 
     The stride is the one whose patch grid on ``image_size`` gives the position table's token count
-    (311 -> stride 12, 193 -> stride 16 at 384x128); the number of classes comes from ``classifier_img``.
+    (311 -> stride 12, 193 -> stride 16 at 384x128; the official strides 12 and 16 are tried first); the
+    number of classes comes from ``classifier_img``. The head count is not recorded in a file: heads are
+    64 wide, as in ViT-B (12 heads at width 768).
     """
     required = ("encoder_vl.pos_embed", "encoder_vl.cls_token", "encoder_vl.patch_embed.proj.weight",
                 "encoder_vl.embeddings.position_embeddings.weight", "classifier_img.weight",
@@ -123,7 +125,11 @@ def config_from_state_dict(
         max_position_embeddings=int(state_dict["encoder_vl.embeddings.position_embeddings.weight"].shape[0]),
         num_classes=int(state_dict["classifier_img.weight"].shape[0]),
     )
-    matches = [s for s in range(patch_size, 0, -1) if _replace(base, stride=s).num_image_tokens == num_tokens]
+    def strides_giving(candidates: Iterable[int]) -> list[int]:
+        return [s for s in candidates if _replace(base, stride=s).num_image_tokens == num_tokens]
+
+    # The official strides first; any other stride only when it is the single one that fits.
+    matches = strides_giving(SUPPORTED_STRIDES) or strides_giving(range(1, patch_size + 1))
     if len(matches) != 1:
         raise ValueError(
             f"cannot tell the patch stride: pos_embed has {num_tokens} tokens, which "
@@ -263,7 +269,7 @@ class IVTEncoder(nn.Module):
         # A learned per-position "image modality" embedding, added to the image sequence only.
         self.type_embed = nn.Parameter(torch.zeros(1, config.num_image_tokens, config.embed_dim))
         self.pos_drop = nn.Dropout(0.0)
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]  # linspace
         self.blocks = nn.ModuleList([VisTxtBlock(config, rate) for rate in rates])
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         for parameter in (self.cls_token, self.pos_embed, self.type_embed):
@@ -472,10 +478,15 @@ class IVTRetrievalModel:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32", **kwargs: Any
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        image_size: tuple[int, int] = IMAGE_SIZE,
+        **kwargs: Any,
     ) -> IVTRetrievalModel:
         """Load an official (or our own) IVT file; ``version`` = stride + the file's content hash."""
-        model = load_ivt_checkpoint(path)
+        model = load_ivt_checkpoint(path, image_size)
         version = f"ivt-s{model.config.stride}-{file_version(path)}"
         return cls(model, version, device, precision, **kwargs)
 
