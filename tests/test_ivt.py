@@ -26,7 +26,7 @@ from models.ivt import (
     tokenize_captions,
 )
 from models.parity import read_keys_tsv
-from training.ivt_metrics import official_ivt_metrics
+from training.ivt_metrics import evaluate_ivt, official_ivt_metrics
 
 PARITY_DIR = Path(__file__).parent / "parity" / "ivt"
 SMALL_IMAGE = (64, 32)
@@ -230,3 +230,21 @@ def test_official_metrics_trapezoidal_ap_differs_from_standard_ap() -> None:
     trapezoid = 0.5 * (1 + 1) / 2 + 0.5 * (1 / 2 + 2 / 3) / 2
     assert metrics.mAP == pytest.approx((2 * trapezoid + 1.0) / 3)
     assert metrics.r1 == 1.0
+    standard = evaluate_ivt(feats, feats, [0, 1, 0], image_ids=["x", "y", "z"])
+    assert standard.protocol == "standard-unique-gallery"
+    assert standard.mAP == pytest.approx((2 * (1 + 2 / 3) / 2 + 1.0) / 3)
+    assert standard.mINP == pytest.approx((2 * (2 / 3) + 1.0) / 3)  # num_rel / rank of the last hit
+
+
+def test_standard_protocol_uses_unique_images_whatever_the_order() -> None:
+    image_a, image_b = [1.0, 0.0], [0.0, 1.0]
+    # Captions of A and B alternate, so the official [::2] gallery would hold A twice and never B.
+    image_feats = np.array([image_a, image_b, image_a, image_b], np.float32)
+    text_feats = np.array([[1.0, 0.1], [0.1, 1.0], [0.9, 0.2], [0.3, 1.0]], np.float32)
+    pids, image_ids = [0, 1, 0, 1], ["a.jpg", "b.jpg", "a.jpg", "b.jpg"]
+    standard = evaluate_ivt(image_feats, text_feats, pids, image_ids)
+    assert standard.num_gallery == 2 and standard.r1 == 1.0 and standard.mAP == pytest.approx(1.0)
+    official = evaluate_ivt(image_feats, text_feats, pids, official=True, paired_gallery=True)
+    assert official.num_gallery == 2 and official.r1 == 0.5 and official.mAP == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="needs image_ids"):
+        evaluate_ivt(image_feats, text_feats, pids)

@@ -11,8 +11,12 @@ Two protocols, both text -> image, cosine similarity of L2-normalised features:
   "old Market-1501" AP: for the i-th relevant gallery row (0-based) at rank r_i,
   ``AP += (1/ngood) * (old_precision + precision) / 2`` with ``precision = (i+1)/(r_i+1)`` and
   ``old_precision = i/r_i`` (1.0 when r_i = 0). Use it to compare with numbers in IVT's logs and paper.
-- ``evaluate_ivt`` picks that protocol with ``official=True``; by default it uses the standard protocol
-  (a gallery of unique images, standard AP), which does not depend on the caption list's order.
+- ``standard_metrics`` is the protocol used across text-based person retrieval (IRRA and later): queries are
+  all captions, the gallery holds every test image exactly once (rows deduplicated by image id, whatever
+  their order), ranking and non-interpolated AP / mINP come from ``training.person_metrics.rank`` (IRRA's
+  official ``rank``). It does not depend on the caption list's order or on two captions per image.
+- ``evaluate_ivt`` uses the standard protocol by default and the official one with ``official=True``.
+All values are fractions (IVT's logs print fractions; IRRA's ``rank`` works in percent and is converted).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from training.person_metrics import rank
 
 
 @dataclass
@@ -38,9 +44,13 @@ class RetrievalMetrics:
     num_queries: int
     num_gallery: int
     protocol: str
+    mINP: float | None = None  # standard protocol only
 
     def as_dict(self) -> dict[str, float]:
-        return {"R1": self.r1, "R5": self.r5, "R10": self.r10, "R20": self.r20, "mAP": self.mAP}
+        out = {"R1": self.r1, "R5": self.r5, "R10": self.r10, "R20": self.r20, "mAP": self.mAP}
+        if self.mINP is not None:
+            out["mINP"] = self.mINP
+        return out
 
 
 def _as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -106,3 +116,57 @@ def official_ivt_metrics(
         mAP=mean_ap, cmc=cmc, num_queries=len(pids), num_gallery=len(gallery_pids),
         protocol="ivt-official-cuhk" if paired_gallery else "ivt-official-icfg",
     )
+
+
+def unique_gallery_rows(image_ids: np.ndarray | list) -> np.ndarray:
+    """Row index of the first occurrence of every distinct image id, in list order."""
+    _, first = np.unique(np.asarray(image_ids), return_index=True)
+    return np.sort(first)
+
+
+def standard_metrics(
+    image_feats: np.ndarray | torch.Tensor,
+    text_feats: np.ndarray | torch.Tensor,
+    pids: np.ndarray | list[int],
+    image_ids: np.ndarray | list,
+    max_rank: int = 20,
+) -> RetrievalMetrics:
+    """Standard unique-gallery protocol from caption-level rows (``image_ids[i]`` names row i's image).
+
+    Queries: every caption; gallery: each distinct image once; cosine similarity; R@k from the CMC,
+    non-interpolated AP (mean of precision at every correct rank) and mINP, via IRRA's official ``rank``.
+    """
+    pids = np.asarray(pids)
+    if len(image_ids) != len(pids):
+        raise ValueError(f"{len(image_ids)} image ids for {len(pids)} caption rows")
+    rows = unique_gallery_rows(image_ids)
+    images = F.normalize(_as_tensor(image_feats)[torch.from_numpy(rows)], dim=1, p=2)
+    texts = F.normalize(_as_tensor(text_feats), dim=1, p=2)
+    result = rank(texts @ images.t(), torch.from_numpy(pids), torch.from_numpy(pids[rows]), max_rank=max_rank)
+    cmc = result.cmc / np.float32(100.0)
+    return RetrievalMetrics(
+        r1=_rank_at(cmc, 1), r5=_rank_at(cmc, 5), r10=_rank_at(cmc, 10), r20=_rank_at(cmc, 20),
+        mAP=float(result.mAP) / 100.0, cmc=cmc, num_queries=len(pids), num_gallery=len(rows),
+        protocol="standard-unique-gallery", mINP=float(result.mINP) / 100.0,
+    )
+
+
+def evaluate_ivt(
+    image_feats: np.ndarray | torch.Tensor,
+    text_feats: np.ndarray | torch.Tensor,
+    pids: np.ndarray | list[int],
+    image_ids: np.ndarray | list | None = None,
+    official: bool = False,
+    paired_gallery: bool = True,
+) -> RetrievalMetrics:
+    """Text-to-image metrics from caption-level rows.
+
+    Default: ``standard_metrics`` (needs ``image_ids``). ``official=True``: the official IVT evaluator,
+    ``paired_gallery=True`` for CUHK-PEDES / RSTPReid (``[::2]`` gallery), ``False`` for ICFG-PEDES.
+    """
+    if official:
+        return official_ivt_metrics(image_feats, text_feats, pids, paired_gallery=paired_gallery)
+    if image_ids is None:
+        raise ValueError("the standard protocol needs image_ids to build a gallery of unique images "
+                         "(or pass official=True for the official IVT evaluator)")
+    return standard_metrics(image_feats, text_feats, pids, image_ids)
