@@ -1,0 +1,470 @@
+"""LAPS cross-modal scoring: per-image / per-caption states, a vectorised block scorer and a per-pair reference.
+
+The released LAPS code (``lib/cross_net.py: CrossSparseAggrNet_v2``, ``lib/xttn.py: mask_xattn_one_text``)
+computes, for one image and one caption (research notes section 2.5):
+
+- selection score per spatial patch ``s_k = <norm(mean P), P^_k> + <norm(mean T), P^_k>``,
+- kept set ``S`` = the ``K = ceil(N * sparse_ratio)`` highest scores (hard top-K), dropped set ``R``,
+- one fused token ``f = sum_{k in R} softmax_R(s)_k P_k``,
+- ``Nc`` aggregated tokens ``Y_c = sum_{k in S} softmax_S(z_{:,c})_k P_k`` with ``z = scale * MLP(P)``,
+- tokens ``V = [cls (ViT only), Y_1..Y_Nc, f]``, each L2-normalised, words ``W^`` L2-normalised,
+- ``A = LeakyReLU_0.1(W^ V^T)`` and ``S(I, T) = mean_words max_tokens A + mean_tokens max_words A`` (a sum).
+
+Everything that does not depend on the caption is computed once per image (:class:`LapsImageState`), including
+the aggregation-MLP logits of every patch (the MLP is token-wise, so this equals the official per-pair MLP on
+the kept tokens). :func:`score_block` then scores a whole block of images x captions with batched tensor ops;
+:func:`score_matrix` chunks a large gallery so memory stays bounded. :func:`score_pair_reference` is the
+straightforward per-pair loop body (gather, MLP, softmax, bmm as the official code does) used as the oracle.
+
+Selection scores are accumulated in float64. The top-K set is then a deterministic function of the float32
+embeddings, whatever the batch layout, so the vectorised scorer and the per-pair loop choose identical sets;
+the official float32 code chooses the same set except for pairs whose K-th and (K+1)-th scores are closer than
+float32 rounding (~1e-7), where the official result itself depends on the kernel.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LEAKY_RELU_SLOPE = 0.1  # lib/xttn.py mask_xattn_one_text: F.leaky_relu(..., negative_slope=0.1)
+STATE_FORMAT_VERSION = 1
+
+
+def num_kept_patches(num_patches: int, sparse_ratio: float) -> int:
+    """K = ceil(N * sparse_ratio) (``TokenSparse.forward``): 98 of 196 (ViT, 0.5), 40 of 49 (Swin, 0.8)."""
+    return math.ceil(num_patches * sparse_ratio)
+
+
+def num_aggregated_tokens(num_patches: int, aggr_ratio: float, sparse_ratio: float) -> int:
+    """Nc = int(N * aggr_ratio * sparse_ratio), evaluated left to right as the official constructor does."""
+    return int(num_patches * aggr_ratio * sparse_ratio)
+
+
+def has_cls_token(num_tokens: int) -> bool:
+    """The official ``is_sqr`` test: a token count that is not a perfect square starts with a CLS token."""
+    root = int(math.sqrt(num_tokens))
+    return root * root != num_tokens
+
+
+# --------------------------------------------------------------------------------------------- states
+
+
+@dataclass
+class LapsImageState:
+    """Text-independent per-image tensors for a batch of ``I`` images (N spatial patches, width C).
+
+    ``patches`` are the projected, unnormalised spatial tokens; ``cls`` the unnormalised CLS token (ViT) or None;
+    ``aggr_logits`` = ``scale * MLP(patches)`` of ``cross_net.aggr_net`` [I, N, Nc]; ``patch_prior`` the paper
+    variant's predicted significance in (0, 1) [I, N] or None. Normalised copies and the self-attention score
+    ``<norm(mean P), P^_k>`` (float64) are derived from ``patches`` by :meth:`derive`.
+    """
+
+    patches: Tensor
+    cls: Tensor | None
+    aggr_logits: Tensor
+    patch_prior: Tensor | None = None
+    patches_norm: Tensor | None = None
+    cls_norm: Tensor | None = None
+    self_score: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.patches_norm is None or self.self_score is None:
+            self.derive()
+
+    def derive(self) -> None:
+        """Normalised patches/CLS and the image self-attention score (``CrossSparseAggrNet_v2`` L134-156)."""
+        self.patches_norm = F.normalize(self.patches, dim=-1)
+        self.cls_norm = F.normalize(self.cls, dim=-1) if self.cls is not None else None
+        with torch.no_grad():
+            global_norm = F.normalize(self.patches.detach().mean(dim=1), dim=-1)  # [I, C]
+            self.self_score = torch.einsum(
+                "inc,ic->in", self.patches_norm.detach().double(), global_norm.double()
+            )
+
+    # -- shape helpers
+    def __len__(self) -> int:
+        return int(self.patches.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.patches.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.patches.shape[2])
+
+    @property
+    def num_aggregated(self) -> int:
+        return int(self.aggr_logits.shape[2])
+
+    def select(self, index: slice | Sequence[int] | Tensor) -> LapsImageState:
+        """A sub-batch (slice or index list) sharing the derived tensors."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.patches.device)
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return LapsImageState(
+            patches=self.patches[index], cls=pick(self.cls), aggr_logits=self.aggr_logits[index],
+            patch_prior=pick(self.patch_prior), patches_norm=pick(self.patches_norm),
+            cls_norm=pick(self.cls_norm), self_score=pick(self.self_score),
+        )
+
+    def to(self, device: torch.device | str) -> LapsImageState:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LapsImageState(
+            patches=move(self.patches), cls=move(self.cls), aggr_logits=move(self.aggr_logits),
+            patch_prior=move(self.patch_prior), patches_norm=move(self.patches_norm),
+            cls_norm=move(self.cls_norm), self_score=move(self.self_score),
+        )
+
+    @staticmethod
+    def cat(states: Sequence[LapsImageState]) -> LapsImageState:
+        """Concatenate batches (all with or all without CLS / prior)."""
+        if not states:
+            raise ValueError("no image states to concatenate")
+
+        def join(name: str) -> Tensor | None:
+            parts = [getattr(s, name) for s in states]
+            if all(p is None for p in parts):
+                return None
+            if any(p is None for p in parts):
+                raise ValueError(f"cannot concatenate image states with and without {name}")
+            return torch.cat(parts, dim=0)
+
+        return LapsImageState(
+            patches=join("patches"), cls=join("cls"), aggr_logits=join("aggr_logits"),
+            patch_prior=join("patch_prior"), patches_norm=join("patches_norm"),
+            cls_norm=join("cls_norm"), self_score=join("self_score"),
+        )
+
+    # -- storage: what the service keeps per image
+    def to_arrays(self, i: int) -> dict[str, np.ndarray]:
+        """Image ``i`` as float32 numpy arrays (derived tensors are recomputed on load)."""
+        arrays = {
+            "patches": self.patches[i].detach().float().cpu().numpy(),
+            "aggr_logits": self.aggr_logits[i].detach().float().cpu().numpy(),
+        }
+        if self.cls is not None:
+            arrays["cls"] = self.cls[i].detach().float().cpu().numpy()
+        if self.patch_prior is not None:
+            arrays["patch_prior"] = self.patch_prior[i].detach().float().cpu().numpy()
+        return arrays
+
+    @staticmethod
+    def from_arrays(items: Sequence[dict[str, np.ndarray]]) -> LapsImageState:
+        """Inverse of :meth:`to_arrays` for one or more images."""
+        if not items:
+            raise ValueError("no image arrays")
+
+        def stack(name: str) -> Tensor | None:
+            if name not in items[0]:
+                return None
+            return torch.from_numpy(np.stack([np.asarray(it[name], dtype=np.float32) for it in items]))
+
+        return LapsImageState(patches=stack("patches"), cls=stack("cls"), aggr_logits=stack("aggr_logits"),
+                              patch_prior=stack("patch_prior"))
+
+    def to_bytes(self, i: int) -> bytes:
+        """Image ``i`` as a compact ``.npz`` blob (float32; about N*(C+Nc)*4 bytes)."""
+        buffer = io.BytesIO()
+        arrays = self.to_arrays(i)
+        arrays["format_version"] = np.asarray([STATE_FORMAT_VERSION], dtype=np.int32)
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @staticmethod
+    def from_bytes(blobs: bytes | Sequence[bytes]) -> LapsImageState:
+        """One blob, or a list of blobs, from :meth:`to_bytes` back into a batched state."""
+        if isinstance(blobs, (bytes, bytearray, memoryview)):
+            blobs = [bytes(blobs)]
+        items = []
+        for blob in blobs:
+            with np.load(io.BytesIO(blob)) as data:
+                version = int(data["format_version"][0]) if "format_version" in data else -1
+                if version != STATE_FORMAT_VERSION:
+                    raise ValueError(f"unsupported LAPS image state format {version}")
+                items.append({k: data[k] for k in data.files if k != "format_version"})
+        return LapsImageState.from_arrays(items)
+
+
+@dataclass
+class LapsCaptionState:
+    """Per-caption tensors for ``T`` captions: L2-normalised words (zero-padded to ``L``), their count, and the
+    normalised mean of the unnormalised words (the text query of the cross-attention selection score).
+
+    ``lengths`` are already capped at ``max_word`` (90): the official ``encode_data`` keeps only the first 90
+    feature rows of a longer caption, and the cross-net slices ``[:cap_len]`` of that 90-row buffer.
+    """
+
+    words_norm: Tensor
+    lengths: Tensor
+    global_norm: Tensor
+
+    @staticmethod
+    def from_embeddings(cap_embs: Tensor, lengths: Sequence[int] | Tensor, max_word: int = 90) -> LapsCaptionState:
+        """Build from projected BERT features [T, L, C] (unnormalised) and token counts incl. [CLS]/[SEP]."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long).clamp(max=max_word).to(cap_embs.device)
+        if int(lengths.min()) < 1:
+            raise ValueError("every caption needs at least one token")
+        width = int(lengths.max())
+        words = cap_embs[:, :width]
+        mask = torch.arange(width, device=cap_embs.device)[None, :] < lengths[:, None]
+        words = words * mask[..., None].to(words.dtype)  # rows past the length never take part
+        mean = words.sum(dim=1) / lengths[:, None].to(words.dtype)
+        return LapsCaptionState(
+            words_norm=F.normalize(words, dim=-1), lengths=lengths, global_norm=F.normalize(mean, dim=-1)
+        )
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def word_mask(self) -> Tensor:
+        width = self.words_norm.shape[1]
+        return torch.arange(width, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def select(self, index: slice | Sequence[int] | Tensor) -> LapsCaptionState:
+        """A sub-batch, trimmed to its own longest caption."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.lengths.device)
+        lengths = self.lengths[index]
+        width = int(lengths.max()) if lengths.numel() else 1
+        return LapsCaptionState(self.words_norm[index][:, :width], lengths, self.global_norm[index])
+
+    def to(self, device: torch.device | str) -> LapsCaptionState:
+        return LapsCaptionState(self.words_norm.to(device), self.lengths.to(device), self.global_norm.to(device))
+
+    @staticmethod
+    def cat(states: Sequence[LapsCaptionState]) -> LapsCaptionState:
+        width = max(s.words_norm.shape[1] for s in states)
+        words = [F.pad(s.words_norm, (0, 0, 0, width - s.words_norm.shape[1])) for s in states]
+        return LapsCaptionState(torch.cat(words), torch.cat([s.lengths for s in states]),
+                                torch.cat([s.global_norm for s in states]))
+
+
+# --------------------------------------------------------------------------------------------- selection
+
+
+@dataclass
+class PaperSelection:
+    """Parameters of the paper's patch selection (used only when ``selection == "paper"``).
+
+    ``p_k = (1 - 2 beta) * prior_k + beta * ((1 + s_st_k) / 2 + (1 + s_im_k) / 2)`` is the keep probability of
+    patch k (the significance-network score ``prior`` in (0, 1) combined with the text-relevance and image-salience
+    cosines mapped to [0, 1]); the decision is a 2-way Gumbel-softmax over ``[log p, log(1 - p)]`` (temperature
+    ``tau``): straight-through hard samples in training (soft gradients), ``p > 0.5`` at inference.
+    """
+
+    beta: float = 0.25
+    tau: float = 1.0
+
+
+def _official_keep(score: Tensor, keep_k: int) -> Tensor:
+    """Hard top-K mask (``TokenSparse``: sort descending, keep the first K) as float 0/1 [..., N]."""
+    index = score.topk(keep_k, dim=-1).indices
+    return torch.zeros_like(score, dtype=torch.float32).scatter_(-1, index, 1.0)
+
+
+def _paper_keep(score_st: Tensor, self_score: Tensor, prior: Tensor, params: PaperSelection,
+                training: bool) -> Tensor:
+    """Paper decision matrix D (keep column) [..., N]: Gumbel-softmax (ST) in training, argmax at inference."""
+    p = (1.0 - 2.0 * params.beta) * prior + params.beta * (
+        (1.0 + score_st.float()) / 2.0 + (1.0 + self_score.float()) / 2.0
+    )
+    p = p.clamp(1e-6, 1.0 - 1e-6)
+    if not training:
+        return (p > 0.5).to(torch.float32)
+    logits = torch.stack([p.log(), (1.0 - p).log()], dim=-1)
+    return F.gumbel_softmax(logits, tau=params.tau, hard=True, dim=-1)[..., 0]
+
+
+def masked_softmax(logits: Tensor, keep: Tensor, dim: int, hard: bool) -> Tensor:
+    """Softmax over the entries with ``keep > 0``, weighted by ``keep``.
+
+    ``hard``: keep is exactly 0/1 and the others are masked to -inf (the official gather-then-softmax, bit for
+    bit the same set); otherwise (soft / straight-through decisions in training) ``keep * exp(logits - max)``
+    normalised, so gradients reach every decision. An empty kept set gives all-zero weights.
+    """
+    if hard:
+        masked = logits.masked_fill(keep <= 0, float("-inf"))
+        top = masked.amax(dim=dim, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weights = torch.exp(masked - top)
+    else:
+        top = logits.detach().amax(dim=dim, keepdim=True)
+        weights = torch.exp(logits - top) * keep
+    return weights / weights.sum(dim=dim, keepdim=True).clamp_min(1e-30)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class BlockResult:
+    scores: Tensor  # [I, T] float32
+    keep: Tensor | None  # [I, T, N] kept-patch mask (float 0/1, or straight-through in paper training)
+
+
+def score_block(
+    images: LapsImageState,
+    captions: LapsCaptionState,
+    keep_k: int,
+    selection: str = "official",
+    paper: PaperSelection | None = None,
+    training: bool = False,
+    return_keep: bool = False,
+) -> BlockResult:
+    """LAPS scores of every (image, caption) pair of one block with batched tensor ops.
+
+    Memory is O(I * T * (Nc + 1) * max(N, C)); use :func:`score_matrix` to chunk large inputs.
+    """
+    num_img, num_cap = len(images), len(captions)
+    num_patches, dim = images.num_patches, images.dim
+    # 1. selection score s = s_im + s_st (float64, see module docstring) [I, T, N]
+    score_st = torch.einsum(
+        "inc,tc->itn", images.patches_norm.detach().double(), captions.global_norm.detach().double()
+    )
+    score = images.self_score[:, None, :] + score_st
+    if selection == "official":
+        keep = _official_keep(score, keep_k)
+        hard = True
+    elif selection == "paper":
+        if images.patch_prior is None or paper is None:
+            raise ValueError("paper selection needs image states with patch_prior and PaperSelection params")
+        keep = _paper_keep(score_st, images.self_score[:, None, :], images.patch_prior[:, None, :], paper, training)
+        hard = not training
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    # 2. weights of the Nc aggregated tokens (softmax over the kept set, per output slot) and of the fused
+    #    token (softmax of the selection score over the dropped set, temperature 1) [I, T, Nc + 1, N]
+    logits = images.aggr_logits.transpose(1, 2)[:, None, :, :]  # [I, 1, Nc, N]
+    aggr_weights = masked_softmax(logits, keep[:, :, None, :], dim=-1, hard=hard)
+    fuse_weights = masked_softmax(score.to(images.patches.dtype), 1.0 - keep, dim=-1, hard=hard)
+    weights = torch.cat([aggr_weights, fuse_weights[:, :, None, :]], dim=2)
+    num_tokens = weights.shape[2]
+    # 3. tokens = weights @ patches, one GEMM per image over all its captions [I, T, Nc + 1, C]
+    tokens = torch.bmm(weights.reshape(num_img, num_cap * num_tokens, num_patches), images.patches)
+    tokens = F.normalize(tokens.view(num_img, num_cap, num_tokens, dim), dim=-1)
+    if images.cls_norm is not None:
+        cls = images.cls_norm[:, None, None, :].expand(num_img, num_cap, 1, dim)
+        tokens = torch.cat([cls, tokens], dim=2)
+    # 4. patch-word matching (mask_xattn_one_text) [I, T, V, L]
+    sims = torch.einsum("itvc,tlc->itvl", tokens, captions.words_norm)
+    sims = F.leaky_relu(sims, negative_slope=LEAKY_RELU_SLOPE)
+    word_mask = captions.word_mask  # [T, L]
+    lengths = captions.lengths.to(sims.dtype)
+    best_token_per_word = sims.amax(dim=2)  # [I, T, L]
+    word_term = (best_token_per_word * word_mask[None]).sum(dim=-1) / lengths[None]
+    best_word_per_token = sims.masked_fill(~word_mask[None, :, None, :], float("-inf")).amax(dim=-1)
+    token_term = best_word_per_token.mean(dim=-1)
+    return BlockResult(scores=word_term + token_term, keep=keep if return_keep else None)
+
+
+def _bytes_per_pair(images: LapsImageState, max_words: int) -> int:
+    """Rough float32 working set of one pair in :func:`score_block` (the largest temporaries)."""
+    n, c, nc = images.num_patches, images.dim, images.num_aggregated
+    v = nc + 2
+    per_pair = 4 * ((nc + 1) * n * 3 + v * c * 3 + v * max_words * 3) + 8 * n * 3
+    return per_pair
+
+
+def score_matrix(
+    images: LapsImageState,
+    captions: LapsCaptionState,
+    keep_k: int,
+    selection: str = "official",
+    paper: PaperSelection | None = None,
+    max_chunk_bytes: int = 256 * 2**20,
+    image_chunk: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """All-pairs LAPS scores [I, T] (float32, on the states' device) in bounded memory.
+
+    Captions are processed in length order (less padding) and images in chunks of ``image_chunk``; each block
+    is sized so its working set stays under ``max_chunk_bytes``. ``progress(n_pairs_done)`` is called per block.
+    """
+    num_img, num_cap = len(images), len(captions)
+    out = torch.empty(num_img, num_cap, dtype=torch.float32, device=images.patches.device)
+    if num_img == 0 or num_cap == 0:
+        return out
+    order = torch.argsort(captions.lengths.cpu(), stable=True)
+    with torch.no_grad():
+        for i0 in range(0, num_img, image_chunk):
+            img_block = images.select(slice(i0, min(i0 + image_chunk, num_img)))
+            t0 = 0
+            while t0 < num_cap:
+                # size the caption block by the longest caption it could contain
+                probe_end = min(t0 + 4096, num_cap)
+                max_words = int(captions.lengths[order[probe_end - 1]])
+                per_block = max(1, max_chunk_bytes // (_bytes_per_pair(img_block, max_words) * len(img_block)))
+                t1 = min(t0 + per_block, num_cap)
+                index = order[t0:t1].to(captions.lengths.device)
+                block = score_block(img_block, captions.select(index), keep_k, selection, paper).scores
+                out[i0:i0 + len(img_block), index.to(out.device)] = block
+                if progress is not None:
+                    progress(len(img_block) * (t1 - t0))
+                t0 = t1
+    return out
+
+
+def score_pair_reference(
+    images: LapsImageState,
+    image_index: int,
+    captions: LapsCaptionState,
+    caption_index: int,
+    keep_k: int,
+    aggr_mlp: Callable[[Tensor], Tensor],
+    aggr_scale: Tensor,
+) -> float:
+    """One pair, step by step as ``CrossSparseAggrNet_v2.forward`` does it (official selection).
+
+    Gathers the kept patches by sorting the selection score, runs the aggregation MLP on them (not the
+    precomputed logits), softmaxes over the kept set, fuses the dropped patches, normalises and matches.
+    """
+    patches = images.patches[image_index]  # [N, C]
+    patches_norm = images.patches_norm[image_index]
+    n_words = int(captions.lengths[caption_index])
+    words_norm = captions.words_norm[caption_index, :n_words]  # [n, C]
+    score_st = patches_norm.double() @ captions.global_norm[caption_index].double()
+    score = images.self_score[image_index] + score_st  # [N]
+    order = torch.sort(score, descending=True).indices
+    kept, dropped = order[:keep_k], order[keep_k:]
+    kept_tokens = patches[kept]  # [K, C]
+    weights = (aggr_mlp(kept_tokens[None])[0].transpose(0, 1) * aggr_scale.reshape(())).softmax(dim=-1)
+    aggregated = weights @ kept_tokens  # [Nc, C]
+    fuse = score[dropped].to(patches.dtype).softmax(dim=0)
+    fused = (patches[dropped] * fuse[:, None]).sum(dim=0, keepdim=True)  # [1, C]
+    tokens = [aggregated, fused]
+    if images.cls is not None:
+        tokens.insert(0, images.cls[image_index][None])
+    tokens = F.normalize(torch.cat(tokens, dim=0), dim=-1)  # [V, C]
+    sims = F.leaky_relu(words_norm @ tokens.T, negative_slope=LEAKY_RELU_SLOPE)  # [n, V]
+    return float(sims.max(dim=1).values.mean() + sims.max(dim=0).values.mean())
+
+
+def score_matrix_reference(
+    images: LapsImageState,
+    captions: LapsCaptionState,
+    keep_k: int,
+    aggr_mlp: Callable[[Tensor], Tensor],
+    aggr_scale: Tensor,
+) -> Tensor:
+    """The per-pair loop over every (image, caption): the oracle for :func:`score_matrix`."""
+    out = torch.empty(len(images), len(captions), dtype=torch.float32)
+    with torch.no_grad():
+        for i in range(len(images)):
+            for t in range(len(captions)):
+                out[i, t] = score_pair_reference(images, i, captions, t, keep_k, aggr_mlp, aggr_scale)
+    return out
