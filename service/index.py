@@ -50,17 +50,17 @@ class VectorIndex:
 
     # ----------------------------------------------------------------- building
     def train(self, vectors: np.ndarray) -> None:
-        """IVF only: k-means cells from (a sample of) the vectors; nlist defaults to 4*sqrt(N)."""
+        """IVF only: k-means cells from a sample of at most 64 vectors per cell; nlist = 4*sqrt(N), at most 2048."""
         if self.kind != "ivf":
             return
         vectors = _as_matrix(vectors, self.dim)
-        nlist = self.nlist or max(1, min(int(4 * math.sqrt(len(vectors))), len(vectors) // 39 or 1))
+        nlist = self.nlist or max(1, min(int(4 * math.sqrt(len(vectors))), 2048, len(vectors) // 39 or 1))
         self.nlist = nlist
         quantizer = faiss.IndexFlatIP(self.dim)
         ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = vectors
-        if len(vectors) > 256 * nlist:
-            pick = np.random.default_rng(0).choice(len(vectors), 256 * nlist, replace=False)
+        if len(vectors) > 64 * nlist:
+            pick = np.random.default_rng(0).choice(len(vectors), 64 * nlist, replace=False)
             sample = vectors[np.sort(pick)]
         ivf.train(sample)
         ivf.nprobe = min(self.nprobe, nlist)
