@@ -23,7 +23,6 @@ from service.settings import Settings
 from service.store import CollectionStore, NewItem
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
-SPLIT_FORMATS = ("cuhk", "icfg", "rstp")
 
 
 def folder_records(folder: Path) -> Iterator[dict[str, Any]]:
@@ -33,14 +32,17 @@ def folder_records(folder: Path) -> Iterator[dict[str, Any]]:
         yield {"path": path, "key": rel, "metadata": {"source_path": rel}}
 
 
-def split_records(split_file: Path, fmt: str, root: Path, split: str) -> Iterator[dict[str, Any]]:
-    """Gallery images of one split of an official person-search annotation file (one item per image)."""
-    from training.datasets import read_person_annotations
+def split_records(root: Path, dataset: str, split: str) -> Iterator[dict[str, Any]]:
+    """Gallery images of one split of an official person-search dataset (``<root>/<dataset>/`` holding the
+    annotation file and ``imgs/``), one item per image with its person id and captions as metadata."""
+    from training.datasets import PERSON_DATASETS, read_person_annotations
 
-    for record in read_person_annotations(split_file, fmt, split=split):
-        rel = record["file_path"]
-        yield {"path": root / rel, "key": rel,
-               "metadata": {"person_id": record["pid"], "source_path": rel, "split": split,
+    spec = PERSON_DATASETS[dataset]
+    annotations = read_person_annotations(root, dataset)
+    for record in annotations.records[split]:
+        rel = record[spec.image_key]
+        yield {"path": root / dataset / "imgs" / rel, "key": rel,
+               "metadata": {"person_id": int(record["id"]), "source_path": rel, "split": split,
                             "captions": record.get("captions", [])}}
 
 
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--method", action="append", required=True, help="irra, ivt or laps (repeatable)")
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", type=Path, help="index every image below this folder")
-    source.add_argument("--split-file", type=Path, help="reid_raw.json / ICFG-PEDES.json / data_captions.json")
-    build.add_argument("--format", choices=SPLIT_FORMATS, help="the split file's dataset")
-    build.add_argument("--root", type=Path, help="image root the split file's paths are relative to")
-    build.add_argument("--split", default="test")
+    source.add_argument("--dataset", choices=["CUHK-PEDES", "ICFG-PEDES", "RSTPReid"],
+                        help="an official person-search split (reid_raw.json / ICFG-PEDES.json / data_captions.json)")
+    build.add_argument("--root", type=Path, help="with --dataset: the folder holding <dataset>/")
+    build.add_argument("--split", default="test", choices=["train", "val", "test"])
     build.add_argument("--batch-size", type=int, default=32)
     sub.add_parser("list", help="list collections")
     describe = sub.add_parser("describe", help="statistics of one collection")
@@ -117,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "delete":
             store.drop(args.name)
         elif args.command == "build":
-            if args.split_file:
-                if not (args.format and args.root):
-                    parser.error("--split-file needs --format and --root")
-                records = list(split_records(args.split_file, args.format, args.root, args.split))
+            if args.dataset:
+                if not args.root:
+                    parser.error("--dataset needs --root")
+                records = list(split_records(args.root, args.dataset, args.split))
             else:
                 records = list(folder_records(args.folder))
             registry = ModelRegistry(settings.model_copy(update={"methods": ",".join(args.method), "warmup": False}))
