@@ -161,6 +161,10 @@ class LapsConfig:
         return int(side * side)
 
     @property
+    def image_size(self) -> int:
+        return int(self.vision_config().image_size)
+
+    @property
     def keep_k(self) -> int:
         return num_kept_patches(self.num_patches, self.sparse_ratio)
 
@@ -603,7 +607,8 @@ class LapsSearchModel:
             raise ValueError("no images")
         parts = []
         for start in range(0, len(images), self.batch_size):
-            pixels = preprocess_images(images[start:start + self.batch_size]).to(self.device)
+            batch = images[start:start + self.batch_size]
+            pixels = preprocess_images(batch, self.config.image_size).to(self.device)
             with self._autocast():
                 embs = self.model.img_enc(pixels)
             parts.append(self.model.cross_net.image_states(embs.float()).to("cpu"))

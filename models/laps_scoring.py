@@ -277,35 +277,38 @@ def _official_keep(score: Tensor, keep_k: int) -> Tensor:
     return torch.zeros_like(score, dtype=torch.float32).scatter_(-1, index, 1.0)
 
 
+def paper_keep_probability(prior: Tensor, score_st: Tensor, self_score: Tensor, beta: float) -> Tensor:
+    """``(1 - 2 beta) prior + beta ((1 + s_st) / 2 + (1 + s_im) / 2)`` in float64, clamped away from 0 and 1."""
+    p = (1.0 - 2.0 * beta) * prior.double() + beta * ((1.0 + score_st.double()) / 2.0
+                                                      + (1.0 + self_score.double()) / 2.0)
+    return p.clamp(1e-6, 1.0 - 1e-6)
+
+
 def _paper_keep(score_st: Tensor, self_score: Tensor, prior: Tensor, params: PaperSelection,
                 training: bool) -> Tensor:
     """Paper decision matrix D (keep column) [..., N]: Gumbel-softmax (ST) in training, argmax at inference."""
-    p = (1.0 - 2.0 * params.beta) * prior + params.beta * (
-        (1.0 + score_st.float()) / 2.0 + (1.0 + self_score.float()) / 2.0
-    )
-    p = p.clamp(1e-6, 1.0 - 1e-6)
+    p = paper_keep_probability(prior, score_st, self_score, params.beta)
     if not training:
         return (p > 0.5).to(torch.float32)
     logits = torch.stack([p.log(), (1.0 - p).log()], dim=-1)
-    return F.gumbel_softmax(logits, tau=params.tau, hard=True, dim=-1)[..., 0]
+    return F.gumbel_softmax(logits, tau=params.tau, hard=True, dim=-1)[..., 0].float()
 
 
-def masked_softmax(logits: Tensor, keep: Tensor, dim: int, hard: bool) -> Tensor:
-    """Softmax over the entries with ``keep > 0``, weighted by ``keep``.
+def masked_softmax(logits: Tensor, keep: Tensor, dim: int) -> Tensor:
+    """Softmax over the entries with ``keep == 1`` (the official gather-then-softmax over the kept set).
 
-    ``hard``: keep is exactly 0/1 and the others are masked to -inf (the official gather-then-softmax, bit for
-    bit the same set); otherwise (soft / straight-through decisions in training) ``keep * exp(logits - max)``
-    normalised, so gradients reach every decision. An empty kept set gives all-zero weights.
+    Exact for any logit range; used when the shifted-exponential path of :func:`score_block` could underflow.
+    An empty kept set gives all-zero weights.
     """
-    if hard:
-        masked = logits.masked_fill(keep <= 0, float("-inf"))
-        top = masked.amax(dim=dim, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        weights = torch.exp(masked - top)
-    else:
-        top = logits.detach().amax(dim=dim, keepdim=True)
-        weights = torch.exp(logits - top) * keep
+    masked = logits.masked_fill(keep <= 0, float("-inf"))
+    top = masked.amax(dim=dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
+    weights = torch.exp(masked - top) * keep  # `* keep` carries straight-through gradients in training
     return weights / weights.sum(dim=dim, keepdim=True).clamp_min(1e-30)
+
+
+# the shifted exponentials exp(z - max_all z) stay normal floats (> 1e-35) for logit ranges below this
+SAFE_LOGIT_RANGE = 80.0
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -328,48 +331,64 @@ def score_block(
 ) -> BlockResult:
     """LAPS scores of every (image, caption) pair of one block with batched tensor ops.
 
+    The softmax weights are used unnormalised, ``exp(z - max_N z)`` times the 0/1 keep mask, and their sums are
+    folded into the final L2 normalisation (``F.normalize(x / d) == x / max(|x|, 1e-12 * d)``), so the per-pair
+    work is one mask multiply, one GEMM per image for the tokens and one batched matmul for the matching.
     Memory is O(I * T * (Nc + 1) * max(N, C)); use :func:`score_matrix` to chunk large inputs.
     """
     num_img, num_cap = len(images), len(captions)
     num_patches, dim = images.num_patches, images.dim
-    # 1. selection score s = s_im + s_st (float64, see module docstring) [I, T, N]
+    # 1. selection score s = s_im + s_st (float64, see module docstring) and keep decision [I, T, N]
     score_st = torch.einsum(
         "inc,tc->itn", images.patches_norm.detach().double(), captions.global_norm.detach().double()
     )
     score = images.self_score[:, None, :] + score_st
     if selection == "official":
         keep = _official_keep(score, keep_k)
-        hard = True
     elif selection == "paper":
         if images.patch_prior is None or paper is None:
             raise ValueError("paper selection needs image states with patch_prior and PaperSelection params")
         keep = _paper_keep(score_st, images.self_score[:, None, :], images.patch_prior[:, None, :], paper, training)
-        hard = not training
     else:
         raise ValueError(f"unknown selection {selection!r}")
-    # 2. weights of the Nc aggregated tokens (softmax over the kept set, per output slot) and of the fused
-    #    token (softmax of the selection score over the dropped set, temperature 1) [I, T, Nc + 1, N]
-    logits = images.aggr_logits.transpose(1, 2)[:, None, :, :]  # [I, 1, Nc, N]
-    aggr_weights = masked_softmax(logits, keep[:, :, None, :], dim=-1, hard=hard)
-    fuse_weights = masked_softmax(score.to(images.patches.dtype), 1.0 - keep, dim=-1, hard=hard)
-    weights = torch.cat([aggr_weights, fuse_weights[:, :, None, :]], dim=2)
-    num_tokens = weights.shape[2]
-    # 3. tokens = weights @ patches, one GEMM per image over all its captions [I, T, Nc + 1, C]
-    tokens = torch.bmm(weights.reshape(num_img, num_cap * num_tokens, num_patches), images.patches)
-    tokens = F.normalize(tokens.view(num_img, num_cap, num_tokens, dim), dim=-1)
-    if images.cls_norm is not None:
-        cls = images.cls_norm[:, None, None, :].expand(num_img, num_cap, 1, dim)
-        tokens = torch.cat([cls, tokens], dim=2)
-    # 4. patch-word matching (mask_xattn_one_text) [I, T, V, L]
-    sims = torch.einsum("itvc,tlc->itvl", tokens, captions.words_norm)
+    keep = keep.to(images.patches.dtype)
+    # 2. token weights [I, T, Nc + 1, N]: Nc aggregation slots (softmax of scale * MLP(P) over the kept set)
+    #    and the fused token (softmax of the selection score over the dropped set, temperature 1)
+    logits = images.aggr_logits.transpose(1, 2)  # [I, Nc, N]
+    num_slots = logits.shape[1]
+    score32 = score.to(images.patches.dtype)
+    fuse = torch.exp(score32 - score32.amax(dim=-1, keepdim=True)) * (1.0 - keep)  # |s| <= 2: no underflow
+    spread = (logits.detach().amax(dim=-1) - logits.detach().amin(dim=-1)).max() if logits.numel() else 0.0
+    if float(spread) < SAFE_LOGIT_RANGE:
+        shifted = torch.exp(logits - logits.detach().amax(dim=-1, keepdim=True))  # [I, Nc, N]
+        aggr = shifted[:, None, :, :] * keep[:, :, None, :]
+        sums = torch.cat([torch.bmm(keep, shifted.transpose(1, 2)), fuse.sum(dim=-1, keepdim=True)], dim=-1)
+    else:  # extreme logits: exact masked softmax, weights already normalised
+        aggr = masked_softmax(logits[:, None], keep[:, :, None, :], dim=-1)
+        fuse = fuse / fuse.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        sums = torch.ones(num_img, num_cap, num_slots + 1, dtype=keep.dtype, device=keep.device)
+    weights = torch.cat([aggr, fuse[:, :, None, :]], dim=2)
+    # 3. unnormalised tokens, one GEMM per image over all its captions [I, T, Nc + 1, C]
+    tokens = torch.bmm(weights.reshape(num_img, num_cap * (num_slots + 1), num_patches), images.patches)
+    tokens = tokens.view(num_img, num_cap, num_slots + 1, dim)
+    inv_norm = 1.0 / torch.maximum(torch.linalg.vector_norm(tokens, dim=-1), 1e-12 * sums).clamp_min(1e-30)
+    # 4. patch-word matching (mask_xattn_one_text): A = LeakyReLU(W^ V^T) [I, T, V, L]
+    sims = torch.matmul(tokens, captions.words_norm.transpose(1, 2)[None]) * inv_norm[..., None]
     sims = F.leaky_relu(sims, negative_slope=LEAKY_RELU_SLOPE)
     word_mask = captions.word_mask  # [T, L]
-    lengths = captions.lengths.to(sims.dtype)
     best_token_per_word = sims.amax(dim=2)  # [I, T, L]
-    word_term = (best_token_per_word * word_mask[None]).sum(dim=-1) / lengths[None]
     best_word_per_token = sims.masked_fill(~word_mask[None, :, None, :], float("-inf")).amax(dim=-1)
-    token_term = best_word_per_token.mean(dim=-1)
-    return BlockResult(scores=word_term + token_term, keep=keep if return_keep else None)
+    token_sum = best_word_per_token.sum(dim=-1)
+    num_tokens = num_slots + 1
+    if images.cls_norm is not None:  # the CLS token joins the matching only (kept out of the GEMM above)
+        cls_sims = F.leaky_relu(torch.einsum("ic,tlc->itl", images.cls_norm, captions.words_norm),
+                                negative_slope=LEAKY_RELU_SLOPE)
+        best_token_per_word = torch.maximum(best_token_per_word, cls_sims)
+        token_sum = token_sum + cls_sims.masked_fill(~word_mask[None], float("-inf")).amax(dim=-1)
+        num_tokens += 1
+    lengths = captions.lengths.to(sims.dtype)
+    word_term = (best_token_per_word * word_mask[None]).sum(dim=-1) / lengths[None]
+    return BlockResult(scores=word_term + token_sum / num_tokens, keep=keep if return_keep else None)
 
 
 def _bytes_per_pair(images: LapsImageState, max_words: int) -> int:
@@ -427,11 +446,14 @@ def score_pair_reference(
     keep_k: int,
     aggr_mlp: Callable[[Tensor], Tensor],
     aggr_scale: Tensor,
+    selection: str = "official",
+    paper: PaperSelection | None = None,
 ) -> float:
-    """One pair, step by step as ``CrossSparseAggrNet_v2.forward`` does it (official selection).
+    """One pair, step by step as ``CrossSparseAggrNet_v2.forward`` does it.
 
-    Gathers the kept patches by sorting the selection score, runs the aggregation MLP on them (not the
-    precomputed logits), softmaxes over the kept set, fuses the dropped patches, normalises and matches.
+    Gathers the kept patches (official: sort the selection score, keep the first K; paper, inference: keep
+    probability above 1/2), runs the aggregation MLP on them (not the precomputed logits), softmaxes over the
+    kept set, fuses the dropped patches, normalises and matches.
     """
     patches = images.patches[image_index]  # [N, C]
     patches_norm = images.patches_norm[image_index]
@@ -439,8 +461,16 @@ def score_pair_reference(
     words_norm = captions.words_norm[caption_index, :n_words]  # [n, C]
     score_st = patches_norm.double() @ captions.global_norm[caption_index].double()
     score = images.self_score[image_index] + score_st  # [N]
-    order = torch.sort(score, descending=True).indices
-    kept, dropped = order[:keep_k], order[keep_k:]
+    if selection == "paper":
+        if paper is None or images.patch_prior is None:
+            raise ValueError("paper selection needs PaperSelection params and a patch prior")
+        p = paper_keep_probability(images.patch_prior[image_index], score_st, images.self_score[image_index],
+                                   paper.beta)
+        kept_mask = p > 0.5
+        kept, dropped = kept_mask.nonzero()[:, 0], (~kept_mask).nonzero()[:, 0]
+    else:
+        order = torch.sort(score, descending=True).indices
+        kept, dropped = order[:keep_k], order[keep_k:]
     kept_tokens = patches[kept]  # [K, C]
     weights = (aggr_mlp(kept_tokens[None])[0].transpose(0, 1) * aggr_scale.reshape(())).softmax(dim=-1)
     aggregated = weights @ kept_tokens  # [Nc, C]
@@ -460,11 +490,14 @@ def score_matrix_reference(
     keep_k: int,
     aggr_mlp: Callable[[Tensor], Tensor],
     aggr_scale: Tensor,
+    selection: str = "official",
+    paper: PaperSelection | None = None,
 ) -> Tensor:
     """The per-pair loop over every (image, caption): the oracle for :func:`score_matrix`."""
     out = torch.empty(len(images), len(captions), dtype=torch.float32)
     with torch.no_grad():
         for i in range(len(images)):
             for t in range(len(captions)):
-                out[i, t] = score_pair_reference(images, i, captions, t, keep_k, aggr_mlp, aggr_scale)
+                out[i, t] = score_pair_reference(images, i, captions, t, keep_k, aggr_mlp, aggr_scale,
+                                                 selection, paper)
     return out
