@@ -431,7 +431,8 @@ def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] = IMAGE_SI
 # ----------------------------------------------------------------------------------------------- service adapter
 
 
-def _autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+def autocast_context(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """The context an encode runs under: none for fp32 / official (official inference is fp32), else autocast."""
     if precision in ("fp32", "official"):
         return nullcontext()
     if precision == "bf16":
@@ -467,7 +468,7 @@ class IVTRetrievalModel:
         max_text_tokens: int = SERVICE_MAX_TEXT_TOKENS,
     ):
         self.device = torch.device(device)
-        _autocast(self.device, precision)  # reject an unsupported precision now, not at the first request
+        autocast_context(self.device, precision)  # reject an unsupported precision now, not at the first request
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.precision = precision
@@ -511,7 +512,7 @@ class IVTRetrievalModel:
         outputs = np.zeros((len(images), self.embed_dim), dtype=np.float32)
         for rows in _chunks(range(len(images)), self.batch_size):
             pixels = torch.stack([preprocess_image(images[i], self.config.image_size) for i in rows])
-            with _autocast(self.device, self.precision):
+            with autocast_context(self.device, self.precision):
                 features = self.model.encode_image(pixels.to(self.device))
             outputs[rows] = F.normalize(features.float(), dim=-1).cpu().numpy()
         return outputs
@@ -528,7 +529,7 @@ class IVTRetrievalModel:
             length = int(lengths[rows].max())
             ids = input_ids[rows, :length].to(self.device)
             mask = attention_mask[rows, :length].to(self.device)
-            with _autocast(self.device, self.precision):
+            with autocast_context(self.device, self.precision):
                 features = self.model.encode_text(ids, mask)
             outputs[rows] = F.normalize(features.float(), dim=-1).cpu().numpy()
         return outputs
