@@ -30,6 +30,17 @@ Losses (eq. 7-9): per-scale L1 + GIoU with per-scale weights, plus
 lambda_sparse * sum_{l >= 1} (mean_i s_i^l - beta^l)^2.
 
 Every value the paper leaves open is a :class:`ScanFormerConfig` field; its docstring says which are choices.
+Structural choices of ours (the paper text that could be read does not settle them):
+- pyramid: each coarser image is the 2x2 mean of the next finer one; a scale-l patch covers exactly 2x2
+  patches of scale l+1 (one selection logit per parent, shared by its four children);
+- hierarchy: a child is fed only if its parent was fed AND selected (s_child = s_parent * s_select), so a
+  dropped region stays dropped; the sparsity loss uses these effective factors;
+- [REG] at scale l = ViLT's image class token (``cls_token + pos_embed[:, 0]``) + a learned per-scale vector;
+  earlier [REG] tokens stay in the cache;
+- PSE = ViLT's pretrained position grid sampled at the patch centre + an MLP of the scale (see
+  :class:`PositionScaleEmbedding`); the constant token replaces patch + PSE, so all constants are identical
+  (needed for exact merging);
+- the text is a prefix that never attends to the image (the paper encodes it first and caches it).
 """
 
 from __future__ import annotations
