@@ -123,3 +123,35 @@ def test_health_ready_models_and_docs(app_factory, irra_model) -> None:
     assert models[0]["method"] == "irra" and models[0]["embed_dim"] == 32
     assert client.get("/openapi.json").json()["paths"]["/search"]
     assert "vls_requests_total" in client.get("/metrics").text
+
+
+def test_one_gallery_searched_with_irra_and_ivt(app_factory, irra_model) -> None:
+    """Embeddings of both methods side by side: each search ranks by its own model's cosine."""
+    from models.ivt import IVTRetrievalModel
+    from tests.test_ivt import small_config
+
+    ivt_model = IVTRetrievalModel.from_config(small_config(stride=12), seed=1)
+    client = app_factory({"irra": irra_model, "ivt": ivt_model})
+    assert client.post("/collections", json={"name": "both", "methods": ["irra"]}).status_code == 201
+    images = person_images(12)
+    added = client.post("/collections/both/items",
+                        json={"items": [{"image_base64": b64(img), "key": str(n)} for n, img in enumerate(images)]})
+    ids = added.json()["ids"]
+    # bind IVT afterwards: the stored images are embedded by IVT too
+    bound = client.post("/collections/both/methods", json={"methods": ["ivt"]})
+    assert bound.status_code == 200, bound.text
+    assert bound.json()["indexes"]["ivt"]["embedded_items"] == 12
+
+    query = "a man with a blue shirt and black trousers"
+    pil = [Image.open(io.BytesIO(img)).convert("RGB") for img in images]
+    rankings = {}
+    for method, model in (("irra", irra_model), ("ivt", ivt_model)):
+        body = client.post("/search", json={"collection": "both", "method": method, "query": query,
+                                            "top_k": 12}).json()
+        expected = model.encode_images(pil) @ model.encode_texts([query])[0]
+        order = [ids[i] for i in np.argsort(-expected, kind="stable")]
+        assert [r["id"] for r in body["results"]] == order
+        assert [r["score"] for r in body["results"]] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
+        assert body["model_version"] == model.version
+        rankings[method] = order
+    assert rankings["irra"] != rankings["ivt"]
