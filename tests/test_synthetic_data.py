@@ -39,7 +39,7 @@ def test_generation_is_deterministic_per_seed(tmp_path: Path) -> None:
     for kind in synthetic.KINDS:
         assert first[kind]["version"] != other[kind]["version"]
         assert f"seed5/tiny/{first[kind]['content_sha256'][:8]}" in first[kind]["version"]
-    differing = [k for k in tree_a if k.endswith(".png") and tree_a[k] != tree_c.get(k)]
+    differing = [k for k in tree_a if k.endswith(".jpg") and tree_a[k] != tree_c.get(k)]
     assert len(differing) > len(tree_a) // 2
 
 
@@ -127,7 +127,9 @@ def test_refer_boxes_masks_and_pixels_agree(generated) -> None:
         assert 0 <= x and 0 <= y and x + w <= info["width"] and y + h <= info["height"]
         assert xs.min() >= np.floor(x) - 1 and xs.max() <= np.ceil(x + w) + 1
         assert ys.min() >= np.floor(y) - 1 and ys.max() <= np.ceil(y + h) + 1
-        assert abs(ann["area"] - len(xs)) <= 0.25 * len(xs)
+        polygon = np.asarray(ann["segmentation"][0]).reshape(-1, 2)
+        perimeter = np.linalg.norm(polygon - np.roll(polygon, 1, axis=0), axis=1).sum()
+        assert abs(ann["area"] - len(xs)) <= 0.6 * perimeter + 2  # rasterisation differs only along the edge
         if ann["image_id"] not in pixels_cache:
             pixels_cache[ann["image_id"]] = np.asarray(
                 Image.open(image_dir / info["file_name"]), dtype=np.float32
