@@ -268,7 +268,9 @@ def test_retrieval_adapter_precisions_and_random_init() -> None:
     texts = ["a woman in a red coat", "a man in a grey coat"]
     ref = IRRARetrievalModel.from_config(SMALL, fill=True).encode_texts(texts)
     for precision in ("bf16", "official"):
-        emb = IRRARetrievalModel.from_config(SMALL, fill=True, precision=precision).encode_texts(texts)
+        model = IRRARetrievalModel.from_config(SMALL, fill=True, precision=precision)
+        assert model.crop_text == (precision != "official")
+        emb = model.encode_texts(texts)
         assert (np.sum(emb * ref, axis=1) > 0.99).all()
     a = IRRARetrievalModel.from_config(SMALL, seed=1)
     b = IRRARetrievalModel.from_config(SMALL, seed=1)
