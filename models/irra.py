@@ -11,12 +11,13 @@ A reimplementation of the official ``anosorae/IRRA`` (@ cfc2378) that loads its 
 - ``classifier``: the ID-loss head shared by both modalities.
 - ``logit_scale`` = 1 / temperature = 50 is a constant, not a state_dict entry (nor is the causal mask).
 
-Losses (paper Sec. 3.3-3.4, ``model/objectives.py``): SDM (Eq. 5-7, KL between the softmaxed scaled-cosine
+Losses (paper: IRR and SDM sections; ``model/objectives.py``): SDM (KL between the softmaxed scaled-cosine
 distribution and the normalised true-match distribution, eps 1e-8), ID (cross-entropy, image and text
-averaged) and MLM (Eq. 4, cross-entropy over masked positions, ignore index 0).
+averaged) and MLM (cross-entropy over masked positions, ignore index 0; plain CE, not the paper's 1/|V|).
 
-Precision modes: ``fp32``; ``official`` (alias ``fp16``) = the official ``convert_weights`` placement, fp16
-Conv/Linear/MHA/proj with LayerNorm computed in fp32, which is what the released weights were trained in;
+Precision modes: ``fp32``; ``official`` = the official ``convert_weights`` placement, fp16
+Conv/Linear/MHA/proj with LayerNorm computed in fp32, which is what the released weights were trained in
+(``fp16`` is the same placement, but the retrieval adapter then also crops texts after their EOT);
 ``bf16`` = float32 weights under ``torch.autocast(bfloat16)``.
 """
 
@@ -318,7 +319,7 @@ class IRRA(nn.Module):
 
 def compute_sdm(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Tensor,
                 logit_scale: float | torch.Tensor, epsilon: float = 1e-8) -> torch.Tensor:
-    """Similarity Distribution Matching (paper Eq. 5-7; ``objectives.compute_sdm`` with ``image_id=None``).
+    """Similarity Distribution Matching (paper's SDM; ``objectives.compute_sdm`` with ``image_id=None``).
 
     q_ij = [pid_i == pid_j] / sum_j [...]; p = softmax(scale * cos); loss = mean_i KL(p_i || q_i) for
     image->text plus the same for text->image (summed, not averaged). Features are divided by their norm
@@ -342,7 +343,7 @@ def compute_id(image_logits: torch.Tensor, text_logits: torch.Tensor, pids: torc
 
 
 def compute_mlm(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """IRR/MLM loss (paper Eq. 4): cross-entropy over the positions whose label is not 0 (ignore index 0)."""
+    """IRR/MLM loss: cross-entropy over the positions whose label is not 0 (``ignore_index=0``)."""
     return F.cross_entropy(scores, labels, ignore_index=0)
 
 

@@ -151,7 +151,7 @@ def test_reduced_precisions_stay_close_to_fp32(small_model: IRRA, precision: str
 
 
 def _sdm_reference(image: np.ndarray, text: np.ndarray, pids: np.ndarray, scale: float) -> float:
-    """SDM written out with loops in float64: sum of KL(p || q) means for both directions (paper Eq. 5-7)."""
+    """SDM written out with loops in float64: sum of KL(p || q) means for both directions (paper's SDM)."""
     image = image / np.linalg.norm(image, axis=1, keepdims=True)
     text = text / np.linalg.norm(text, axis=1, keepdims=True)
     n = len(pids)
