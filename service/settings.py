@@ -23,9 +23,6 @@ class Settings(BaseSettings):
         "fp32", description="fp32 everywhere; bf16/fp16 autocast; 'official' = each method's released dtype mix"
     )
     methods: str = Field("irra,ivt,laps,scanformer,magnet", description="comma-separated methods to load")
-    model_size: Literal["full", "small"] = Field(
-        "full", description="architecture size used when no checkpoint is found (random init)"
-    )
     redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0; unset = in-process cache")
     api_keys: str = Field("", description="comma-separated keys; empty = no auth")
     rate_limit_per_minute: int = Field(0, ge=0, description="requests per key per minute; 0 = unlimited")
