@@ -9,6 +9,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from models.image_io import truncated_images
 from service.errors import ApiError
 
 
@@ -35,7 +36,8 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise ApiError(413, "image_too_large",
                                f"the image has {width}x{height} pixels; the limit is {max_pixels} pixels")
-            image.load()
+            with truncated_images(False):  # refuse truncated uploads whatever else the process set
+                image.load()
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-ImageFile.LOAD_TRUNCATED_IMAGES = True  # as every official reader sets it
+from models.image_io import truncated_images
 
 Tokenize = Callable[[str], Any]
 Sample = dict[str, Any]
@@ -50,8 +50,9 @@ HALF_STD = (0.5, 0.5, 0.5)
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """``Image.open(path).convert('RGB')``, the official readers' image loading."""
-    with Image.open(path) as image:
+    """``Image.open(path).convert('RGB')`` with truncated files accepted, as every official reader sets
+    ``LOAD_TRUNCATED_IMAGES`` (scoped here, so the service's strict decoding is not changed)."""
+    with truncated_images(True), Image.open(path) as image:
         return image.convert("RGB")
 
 
