@@ -1,0 +1,128 @@
+"""IRRA training recipe (anosorae/IRRA ``train.py`` defaults, research notes section 4).
+
+- Data: ``ImageTextMLMDataset`` - (image, caption, pid) with ``--img_aug`` augmentation and the MLM corruption
+  (15% of the tokens; 80% mask / 10% random / 10% kept). QUIRK kept by default: the official dataset edits
+  the tokenised caption in place, so SDM and ID see the *masked* caption (``caption_ids_are_masked``; switch
+  it off with ``masked_caption_quirk=False``).
+- Loss: SDM (scale 1 / temperature = 50) + ID + MLM, each weight 1 (``model/build.py``).
+- Optimiser: Adam, lr 1e-5, betas (0.9, 0.999), eps 1e-3, coupled L2 weight decay 4e-5; per-parameter rules
+  of ``solver/build.py`` in order: "cross" in the name -> lr x5; then "bias" -> lr x2 and no weight decay
+  (overriding the cross rule); then "classifier" / "mlm_head" -> lr x5 (their biases keep wd 0).
+- Schedule: per epoch, linear warm-up 5 epochs from 0.1, then cosine to 0 at epoch 60.
+- The official run keeps fp16 parameters without loss scaling; here parameters stay fp32 (autocast on GPU).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.clip_tokenizer import irra_tokenizer
+from models.irra import IRRA, IRRAConfig
+from training.datasets import PersonTrainDataset, irra_mlm_mask, irra_train_transform, read_person_annotations
+from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, warmup_cosine
+
+OFFICIAL: Config = {
+    "dataset": "CUHK-PEDES", "epochs": 60, "batch_size": 64, "num_workers": 0, "log_every": 50, "save_every": 0,
+    "seed": 1, "clip_grad_norm": None,
+    "model": IRRAConfig().to_dict(),
+    "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-3, "weight_decay": 4e-5, "weight_decay_bias": 0.0,
+    "bias_lr_factor": 2.0, "lr_factor": 5.0, "warmup_epochs": 5, "warmup_factor": 0.1, "target_lr": 0.0,
+    "img_aug": True, "masked_caption_quirk": True, "sdm_weight": 1.0, "id_loss_weight": 1.0,
+    "mlm_loss_weight": 1.0, "export_fp16": False, "export_training_heads": True,
+}
+
+# Small CLIP towers (ViT-B/16 layout at 192x64 -> 12x4 patches; text width 32, one head), synthetic data.
+# lr is larger than the official 1e-5 because the towers start from random weights, not from CLIP.
+DEMO: Config = {
+    **OFFICIAL,
+    "epochs": 12, "batch_size": 32, "log_every": 10, "seed": 0, "lr": 3e-4, "warmup_epochs": 1,
+    "model": {**IRRAConfig().to_dict(), "embed_dim": 64, "image_size": [192, 64], "vision_width": 128,
+              "vision_layers": 3, "vision_heads": 2, "text_width": 32, "text_layers": 3, "text_heads": 1,
+              "cmt_depth": 1, "cross_heads": 1},
+    "export_fp16": True, "export_training_heads": False,
+}
+
+TINY: Config = {
+    **DEMO, "epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0,
+    "model": {**DEMO["model"], "image_size": [48, 16], "vision_width": 64, "vision_layers": 1, "vision_heads": 1,
+              "text_width": 32, "text_layers": 1, "embed_dim": 32, "cmt_depth": 1, "cross_heads": 1,
+              "context_length": 32},
+}
+
+
+class IRRARecipe(Recipe):
+    name = "irra"
+    schedule_unit = "epoch"
+    export_name = "irra.pth"
+    configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
+
+    def model_config(self, config: Config) -> IRRAConfig:
+        return IRRAConfig.from_dict(config["model"])
+
+    def build_model(self, config: Config) -> nn.Module:
+        return IRRA(self.model_config(config))
+
+    def train_dataset(self, data_dir: Path, config: Config) -> PersonTrainDataset:
+        annotations = read_person_annotations(data_dir, config["dataset"])
+        config["model"]["num_classes"] = annotations.num_classes  # the ID classifier covers the train ids
+        model_config = self.model_config(config)
+        tokenizer = irra_tokenizer(model_config.context_length)
+        mlm = (lambda ids: irra_mlm_mask(ids, random)) if "mlm" in model_config.tasks else None
+        return PersonTrainDataset(
+            annotations.train, irra_train_transform(tuple(model_config.image_size), config["img_aug"]),
+            tokenize=lambda text: torch.from_numpy(tokenizer([text])[0]).long(), mlm=mlm,
+            caption_ids_are_masked=bool(config["masked_caption_quirk"]),
+        )
+
+    def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
+        batch = {"images": torch.stack([s["image"] for s in samples]),
+                 "caption_ids": torch.stack([s["caption_ids"] for s in samples]),
+                 "pids": torch.tensor([s["pid"] for s in samples], dtype=torch.long)}
+        if "mlm_ids" in samples[0]:
+            batch["mlm_ids"] = torch.stack([s["mlm_ids"] for s in samples])
+            batch["mlm_labels"] = torch.stack([s["mlm_labels"] for s in samples])
+        return batch
+
+    def param_groups(self, model: nn.Module, config: Config) -> list[dict[str, Any]]:
+        base, wd = config["lr"], config["weight_decay"]
+
+        def settings(name: str) -> dict[str, Any]:  # solver/build.py, rule order kept
+            lr, decay = base, wd
+            if "cross" in name:
+                lr = base * config["lr_factor"]
+            if "bias" in name:
+                lr, decay = base * config["bias_lr_factor"], config["weight_decay_bias"]
+            if "classifier" in name or "mlm_head" in name:
+                lr = base * config["lr_factor"]
+            return {"lr": lr, "weight_decay": decay}
+
+        return group_by(model, settings)
+
+    def optimizer(self, groups: list[dict[str, Any]], config: Config) -> torch.optim.Optimizer:
+        return torch.optim.Adam(groups, lr=config["lr"], betas=tuple(config["betas"]), eps=config["eps"])
+
+    def lr_multiplier(self, config: Config, steps_per_epoch: int) -> Any:
+        return warmup_cosine(config["warmup_epochs"], config["epochs"], config["warmup_factor"], config["target_lr"])
+
+    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> Losses:
+        out = model(batch)
+        cfg = ctx.config
+        weights = {"sdm_loss": cfg["sdm_weight"], "id_loss": cfg["id_loss_weight"], "mlm_loss": cfg["mlm_loss_weight"],
+                   "itc_loss": 1.0}
+        return {k: v * weights[k] if k in weights else v for k, v in out.items() if k != "temperature"}
+
+    def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
+        """The official file layout (``{'model': state_dict, 'epoch': ...}``); the demo stores fp16 tensors and
+        leaves out the training-only heads (classifier, IRR), which retrieval never uses."""
+        state = model.state_dict()
+        if not config["export_training_heads"]:
+            state = {k: v for k, v in state.items() if k.startswith("base_model.")}
+        if config["export_fp16"]:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save({"model": {k: v.detach().cpu().clone() for k, v in state.items()}, "epoch": info["epoch"],
+                    "iteration": info["step"]}, path)
