@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from transformers import BertConfig, BertModel, SwinConfig, SwinModel, ViTConfig, ViTModel
@@ -47,6 +46,8 @@ from models.laps_scoring import (
     LapsCaptionState,
     LapsImageState,
     PaperSelection,
+    candidate_caption_vectors,
+    candidate_image_vectors,
     has_cls_token,
     num_aggregated_tokens,
     num_kept_patches,
@@ -550,9 +551,11 @@ class LapsSearchModel:
     """What the service calls for LAPS: candidate vectors for an inner-product index, stored per-image states,
     and the exact cross-modal score of states.
 
-    Candidate stage (``encode_images`` / ``encode_texts``): the L2-normalised mean of the L2-normalised tokens
-    (image: CLS + spatial patches; text: all words incl. [CLS]/[SEP], capped at 90). Their inner product is the
-    average patch-word cosine, the mean-of-means relaxation of LAPS's mean-of-max score.
+    Candidate stage (``encode_images`` / ``encode_texts``): image = the L2-normalised mean of the normalised
+    matching tokens LAPS builds from the image alone (selection by the image self-attention score, aggregation,
+    fused token, CLS); text = the L2-normalised mean of the normalised words (incl. [CLS]/[SEP], first 90).
+    Their inner product is the average token-word cosine, the mean-of-means relaxation of LAPS's mean-of-max
+    score (benchmarks/laps_two_stage.py compares designs).
     Exact stage: :meth:`exact_scores` on :meth:`image_states` / :meth:`caption_states` (vectorised scorer).
     Precision ``bf16`` / ``fp16`` runs the backbones under autocast; the cross-modal scorer always runs in fp32.
     """
@@ -627,21 +630,14 @@ class LapsSearchModel:
             parts.append(self.model.cross_net.caption_states(embs.float(), lengths).to("cpu"))
         return LapsCaptionState.cat(parts)
 
-    @staticmethod
-    def image_vectors(states: LapsImageState) -> np.ndarray:
+    def image_vectors(self, states: LapsImageState) -> np.ndarray:
         """Candidate-stage vectors [I, D] of stored image states (see class docstring)."""
-        tokens = states.patches_norm
-        total = tokens.sum(dim=1)
-        count = tokens.shape[1]
-        if states.cls_norm is not None:
-            total, count = total + states.cls_norm, count + 1
-        return F.normalize(total / count, dim=-1).float().cpu().numpy()
+        return candidate_image_vectors(states, self.config.keep_k).float().cpu().numpy()
 
     @staticmethod
     def caption_vectors(states: LapsCaptionState) -> np.ndarray:
         """Candidate-stage vectors [T, D] of caption states (mean of normalised words, normalised)."""
-        mean = states.words_norm.sum(dim=1) / states.lengths[:, None].to(states.words_norm.dtype)
-        return F.normalize(mean, dim=-1).float().cpu().numpy()
+        return candidate_caption_vectors(states).float().cpu().numpy()
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         return self.image_vectors(self.image_states(images))

@@ -314,6 +314,13 @@ SAFE_LOGIT_RANGE = 80.0
 # --------------------------------------------------------------------------------------------- scoring
 
 
+def _inverse_norm(tokens: Tensor, weight_sums: Tensor) -> Tensor:
+    """``1 / max(|x|, 1e-12 * d)``: with unnormalised weights summing to ``d``, ``x * this`` equals
+    ``F.normalize(x / d)`` (eps 1e-12) exactly in exact arithmetic."""
+    norms = torch.linalg.vector_norm(tokens, dim=-1)
+    return 1.0 / torch.maximum(norms, 1e-12 * weight_sums).clamp_min(1e-30)
+
+
 @dataclass
 class BlockResult:
     scores: Tensor  # [I, T] float32
@@ -333,7 +340,8 @@ def score_block(
 
     The softmax weights are used unnormalised, ``exp(z - max_N z)`` times the 0/1 keep mask, and their sums are
     folded into the final L2 normalisation (``F.normalize(x / d) == x / max(|x|, 1e-12 * d)``), so the per-pair
-    work is one mask multiply, one GEMM per image for the tokens and one batched matmul for the matching.
+    work is one mask multiply, one GEMM per image for the tokens and one batched matmul per image for the
+    matching (the CLS and fused tokens are matched separately, which avoids concatenation copies).
     Memory is O(I * T * (Nc + 1) * max(N, C)); use :func:`score_matrix` to chunk large inputs.
     """
     num_img, num_cap = len(images), len(captions)
@@ -352,8 +360,8 @@ def score_block(
     else:
         raise ValueError(f"unknown selection {selection!r}")
     keep = keep.to(images.patches.dtype)
-    # 2. token weights [I, T, Nc + 1, N]: Nc aggregation slots (softmax of scale * MLP(P) over the kept set)
-    #    and the fused token (softmax of the selection score over the dropped set, temperature 1)
+    # 2. token weights: Nc aggregation slots (softmax of scale * MLP(P) over the kept set) [I, T, Nc, N] and the
+    #    fused token (softmax of the selection score over the dropped set, temperature 1) [I, T, N]
     logits = images.aggr_logits.transpose(1, 2)  # [I, Nc, N]
     num_slots = logits.shape[1]
     score32 = score.to(images.patches.dtype)
@@ -362,33 +370,64 @@ def score_block(
     if float(spread) < SAFE_LOGIT_RANGE:
         shifted = torch.exp(logits - logits.detach().amax(dim=-1, keepdim=True))  # [I, Nc, N]
         aggr = shifted[:, None, :, :] * keep[:, :, None, :]
-        sums = torch.cat([torch.bmm(keep, shifted.transpose(1, 2)), fuse.sum(dim=-1, keepdim=True)], dim=-1)
+        aggr_sums = torch.bmm(keep, shifted.transpose(1, 2))  # [I, T, Nc]
     else:  # extreme logits: exact masked softmax, weights already normalised
         aggr = masked_softmax(logits[:, None], keep[:, :, None, :], dim=-1)
-        fuse = fuse / fuse.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        sums = torch.ones(num_img, num_cap, num_slots + 1, dtype=keep.dtype, device=keep.device)
-    weights = torch.cat([aggr, fuse[:, :, None, :]], dim=2)
-    # 3. unnormalised tokens, one GEMM per image over all its captions [I, T, Nc + 1, C]
-    tokens = torch.bmm(weights.reshape(num_img, num_cap * (num_slots + 1), num_patches), images.patches)
-    tokens = tokens.view(num_img, num_cap, num_slots + 1, dim)
-    inv_norm = 1.0 / torch.maximum(torch.linalg.vector_norm(tokens, dim=-1), 1e-12 * sums).clamp_min(1e-30)
-    # 4. patch-word matching (mask_xattn_one_text): A = LeakyReLU(W^ V^T) [I, T, V, L]
-    sims = torch.matmul(tokens, captions.words_norm.transpose(1, 2)[None]) * inv_norm[..., None]
-    sims = F.leaky_relu(sims, negative_slope=LEAKY_RELU_SLOPE)
+        aggr_sums = torch.ones(num_img, num_cap, num_slots, dtype=keep.dtype, device=keep.device)
+    # 3. unnormalised tokens: one GEMM per image over all its captions [I, T, Nc, C], and the fused token [I, T, C]
+    aggregated = torch.bmm(aggr.reshape(num_img, num_cap * num_slots, num_patches), images.patches)
+    aggregated = aggregated.view(num_img, num_cap, num_slots, dim)
+    fused = torch.bmm(fuse, images.patches)
+    aggr_scale = _inverse_norm(aggregated, aggr_sums)
+    fused_scale = _inverse_norm(fused, fuse.sum(dim=-1))
+    # 4. patch-word matching (mask_xattn_one_text): A = LeakyReLU(W^ V^T), V = [cls, Y_1..Y_Nc, f]
+    words_t = captions.words_norm.transpose(1, 2)  # [T, C, L]
+    aggr_sims = torch.stack([torch.bmm(aggregated[i], words_t) for i in range(num_img)])  # [I, T, Nc, L]
+    aggr_sims = F.leaky_relu(aggr_sims * aggr_scale[..., None], negative_slope=LEAKY_RELU_SLOPE)
+    extra = [torch.einsum("itc,tlc->itl", fused, captions.words_norm) * fused_scale[..., None]]
+    if images.cls_norm is not None:  # the CLS token takes part in the matching only
+        extra.append(torch.einsum("ic,tlc->itl", images.cls_norm, captions.words_norm))
+    extra_sims = F.leaky_relu(torch.stack(extra, dim=2), negative_slope=LEAKY_RELU_SLOPE)  # [I, T, 1|2, L]
     word_mask = captions.word_mask  # [T, L]
-    best_token_per_word = sims.amax(dim=2)  # [I, T, L]
-    best_word_per_token = sims.masked_fill(~word_mask[None, :, None, :], float("-inf")).amax(dim=-1)
-    token_sum = best_word_per_token.sum(dim=-1)
-    num_tokens = num_slots + 1
-    if images.cls_norm is not None:  # the CLS token joins the matching only (kept out of the GEMM above)
-        cls_sims = F.leaky_relu(torch.einsum("ic,tlc->itl", images.cls_norm, captions.words_norm),
-                                negative_slope=LEAKY_RELU_SLOPE)
-        best_token_per_word = torch.maximum(best_token_per_word, cls_sims)
-        token_sum = token_sum + cls_sims.masked_fill(~word_mask[None], float("-inf")).amax(dim=-1)
-        num_tokens += 1
-    lengths = captions.lengths.to(sims.dtype)
+    best_token_per_word = torch.maximum(aggr_sims.amax(dim=2), extra_sims.amax(dim=2))  # [I, T, L]
+    hide_padding = ~word_mask[None, :, None, :]
+    token_sum = (aggr_sims.masked_fill(hide_padding, float("-inf")).amax(dim=-1).sum(dim=-1)
+                 + extra_sims.masked_fill(hide_padding, float("-inf")).amax(dim=-1).sum(dim=-1))
+    num_tokens = num_slots + len(extra)
+    lengths = captions.lengths.to(aggr_sims.dtype)
     word_term = (best_token_per_word * word_mask[None]).sum(dim=-1) / lengths[None]
     return BlockResult(scores=word_term + token_sum / num_tokens, keep=keep if return_keep else None)
+
+
+def text_free_tokens(images: LapsImageState, keep_k: int) -> Tensor:
+    """The matching tokens an image yields when the text term of the selection score is left out.
+
+    Selection by the image self-attention score alone (top-K), then the official aggregation, fused token and
+    CLS: [I, V, C], L2-normalised. Used for the candidate-stage vector, which only sees the image.
+    """
+    score = images.self_score
+    keep = torch.zeros_like(score, dtype=images.patches.dtype).scatter_(-1, score.topk(keep_k, dim=-1).indices, 1.0)
+    aggr = masked_softmax(images.aggr_logits.transpose(1, 2), keep[:, None, :], dim=-1)  # [I, Nc, N]
+    fuse = masked_softmax(score.to(images.patches.dtype), 1.0 - keep, dim=-1)  # [I, N]
+    tokens = torch.bmm(torch.cat([aggr, fuse[:, None, :]], dim=1), images.patches)
+    if images.cls is not None:
+        tokens = torch.cat([images.cls[:, None, :], tokens], dim=1)
+    return F.normalize(tokens, dim=-1)
+
+
+def candidate_image_vectors(images: LapsImageState, keep_k: int) -> Tensor:
+    """Candidate-stage image vector: the normalised mean of :func:`text_free_tokens` [I, C]."""
+    return F.normalize(text_free_tokens(images, keep_k).mean(dim=1), dim=-1)
+
+
+def candidate_caption_vectors(captions: LapsCaptionState) -> Tensor:
+    """Candidate-stage caption vector: the normalised mean of the normalised words (first 90) [T, C].
+
+    Its inner product with :func:`candidate_image_vectors` is, up to the two norms, the mean cosine of every
+    word with every token: the mean-of-means relaxation of LAPS's mean-of-max score.
+    """
+    mean = captions.words_norm.sum(dim=1) / captions.lengths[:, None].to(captions.words_norm.dtype)
+    return F.normalize(mean, dim=-1)
 
 
 def _bytes_per_pair(images: LapsImageState, max_words: int) -> int:
