@@ -47,7 +47,7 @@ def laps_training_loss(scores: Tensor, keep: Tensor, img_ids: Tensor, sparse_rat
     align = contrastive_loss(scores, img_ids, margin, max_violation)
     ratio = ratio_loss(keep, sparse_ratio)
     total = warmup_alpha * align + ratio_weight * ratio
-    return total, {"contrastive": float(align), "ratio": float(ratio), "total": float(total)}
+    return total, {"contrastive": float(align.detach()), "ratio": float(ratio.detach()), "total": float(total.detach())}
 
 
 def _summary(ranks: np.ndarray) -> tuple[float, float, float, float, float]:
