@@ -41,25 +41,38 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
+SAMPLE_CHUNK_BYTES = 64 * 2 ** 20  # bound on the (B*heads, d, queries, levels*points) temporary
+
+
 def deformable_sample(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
                       weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of bilinear samples per head, level and point.
+    """Weighted sum of bilinear samples per head, level and point (Deformable DETR Eq. 3).
 
     value: (B, S, heads, d); locations: (B, Q, heads, levels, points, 2) in [0, 1] (x, y);
     weights: (B, Q, heads, levels, points). Returns (B, Q, heads * d).
+    Queries are processed in chunks so the stacked samples stay small (at 480 px one image has 19125 queries);
+    every query's samples and its 16-term sum are computed exactly as in one piece.
     """
     b, _, heads, d = value.shape
     _, q, _, levels, points, _ = locations.shape
-    per_level = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    samples = []
-    for level, (h, w) in enumerate(shapes):
-        level_value = per_level[level].flatten(2).transpose(1, 2).reshape(b * heads, d, h, w)
-        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*heads, Q, points, 2)
-        samples.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (B*heads, d, Q, points)
+    level_values = [
+        part.flatten(2).transpose(1, 2).reshape(b * heads, d, h, w)
+        for part, (h, w) in zip(value.split([h * w for h, w in shapes], dim=1), shapes, strict=True)
+    ]
+    grids = (2 * locations - 1).transpose(1, 2).flatten(0, 1)  # (B*heads, Q, levels, points, 2)
     weights = weights.transpose(1, 2).reshape(b * heads, 1, q, levels * points)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1).view(b, heads * d, q)
+    per_query_bytes = b * heads * d * levels * points * value.element_size()
+    chunk = max(1, SAMPLE_CHUNK_BYTES // per_query_bytes)
+    outs = []
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
+        samples = [
+            F.grid_sample(level_value, grids[:, start:stop, level], mode="bilinear", padding_mode="zeros",
+                          align_corners=False)  # (B*heads, d, chunk, points)
+            for level, level_value in enumerate(level_values)
+        ]
+        outs.append((torch.stack(samples, dim=-2).flatten(-2) * weights[:, :, start:stop]).sum(-1))
+    out = torch.cat(outs, dim=-1).view(b, heads * d, q)
     return out.transpose(1, 2).contiguous()
 
 

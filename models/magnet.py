@@ -524,6 +524,8 @@ def load_magnet_checkpoint(path: str | Path, config: MagNetConfig | None = None)
     path = Path(path)
     checkpoint = load_checkpoint_file(path)
     state_dict = checkpoint_filter_fn(checkpoint)
+    if config is None and isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("config"), Mapping):
+        config = MagNetConfig.from_dict(checkpoint["config"])  # files of training.train (not official)
     if config is None:
         config = MagNetConfig(img_size=image_size_for_checkpoint(path, checkpoint))
     model = MagNet(config)
@@ -592,6 +594,7 @@ def reference_target(part_counts: np.ndarray, size: int) -> np.ndarray:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "official")
+MASK_THRESHOLD = 0.5  # official decision: sigmoid(upsampled logits) > 0.5
 
 
 @dataclass
@@ -606,7 +609,7 @@ class MagNetSegmenter:
     device: torch.device
     precision: str = "fp32"
     version: str = "magnet-untrained"
-    max_batch: int = 8
+    max_batch: int = 4
     tokenizer: Any = field(default=None, repr=False)
     method: str = "magnet"
 
@@ -644,7 +647,7 @@ class MagNetSegmenter:
         return cls(model=model, device=torch.device(device), precision=precision,
                    version=version or ("magnet-state-dict" if state_dict is not None else "magnet-untrained"))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast_context(self) -> contextlib.AbstractContextManager:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
@@ -672,7 +675,7 @@ class MagNetSegmenter:
         for start in range(0, len(expressions), self.max_batch):
             chunk_ids = ids[start:start + self.max_batch].to(self.device)
             chunk_mask = mask[start:start + self.max_batch].to(self.device)
-            with self._autocast():
+            with self.autocast_context():
                 out = self.model(pixels, chunk_ids, chunk_mask)
             probs = mask_probabilities(out["pred_logits"], out["pred_masks"], (original_h, original_w))
             maps.extend(p[0].float().cpu().numpy().astype(np.float32) for p in probs)

@@ -295,3 +295,25 @@ def test_segment_bf16_close_to_fp32() -> None:
     assert np.abs(fp32 - bf16).max() < 0.1
     with pytest.raises(ValueError):
         MagNetSegmenter.from_config(SMALL, precision="int8")
+
+
+def test_deformable_sampling_chunks_match_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Query chunking (memory bound at 480 px) must not change any sample, and the sampling is bilinear with
+    zero padding at align_corners=False: a location at a pixel centre returns that pixel's value."""
+    import models.deformable_attention as da
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 3), (6, 6)]
+    value = torch.randn(2, 45, 4, 8, generator=g)
+    locations = torch.rand(2, 45, 4, 2, 3, 2, generator=g) * 1.4 - 0.2
+    weights = torch.rand(2, 45, 4, 2, 3, generator=g).softmax(-1)
+    whole = da.deformable_sample(value, shapes, locations, weights)
+    monkeypatch.setattr(da, "SAMPLE_CHUNK_BYTES", 1000)
+    torch.testing.assert_close(da.deformable_sample(value, shapes, locations, weights), whole, atol=0, rtol=0)
+    # all weight on level 1, point 0, placed at the centre of pixel (row 2, col 4) of the 6x6 level
+    locations[..., 1, 0, :] = torch.tensor([(4 + 0.5) / 6, (2 + 0.5) / 6])
+    one_hot = torch.zeros_like(weights)
+    one_hot[..., 1, 0] = 1.0
+    got = da.deformable_sample(value, shapes, locations, one_hot).view(2, 45, 4, 8)
+    expected = value[:, 9 + 2 * 6 + 4]  # level 1 starts after the 9 tokens of level 0
+    torch.testing.assert_close(got, expected[:, None].expand(-1, 45, -1, -1))
