@@ -155,3 +155,13 @@ def test_one_gallery_searched_with_irra_and_ivt(app_factory, irra_model) -> None
         assert body["model_version"] == model.version
         rankings[method] = order
     assert rankings["irra"] != rankings["ivt"]
+
+
+def test_api_keys_and_rate_limit(app_factory, irra_model) -> None:
+    client = app_factory({"irra": irra_model}, api_keys="k1,k2", rate_limit_per_minute=3)
+    assert client.get("/collections").status_code == 401
+    assert client.get("/collections", headers={"X-API-Key": "wrong"}).json()["error"]["code"] == "unauthorized"
+    assert client.get("/healthz").status_code == 200  # probes need no key
+    statuses = [client.get("/collections", headers={"X-API-Key": "k1"}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert client.get("/collections", headers={"Authorization": "Bearer k2"}).status_code == 200
