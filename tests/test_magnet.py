@@ -317,3 +317,19 @@ def test_deformable_sampling_chunks_match_one_piece(monkeypatch: pytest.MonkeyPa
     got = da.deformable_sample(value, shapes, locations, one_hot).view(2, 45, 4, 8)
     expected = value[:, 9 + 2 * 6 + 4]  # level 1 starts after the 9 tokens of level 0
     torch.testing.assert_close(got, expected[:, None].expand(-1, 45, -1, -1))
+
+
+def test_checkpoint_image_size_and_segmenter_from_checkpoint(tmp_path: Path, small_model: MagNet) -> None:
+    import argparse
+
+    from models.magnet import image_size_for_checkpoint
+
+    assert image_size_for_checkpoint("weights/magnet_all.pth") == 448  # run_test.sh: --img_size 448
+    assert image_size_for_checkpoint("weights/magnet_refcoco+.pth") == 480
+    assert image_size_for_checkpoint("x.pth", {"model": {}, "args": argparse.Namespace(img_size=416)}) == 416
+    path = tmp_path / "magnet_refcoco.pth"
+    torch.save({"model": small_model.state_dict()}, path)
+    seg = MagNetSegmenter.from_checkpoint(path, config=SMALL)
+    assert seg.version.startswith("magnet-magnet-refcoco-") and seg.method == "magnet"
+    image = Image.fromarray(np.full((33, 47, 3), 128, dtype=np.uint8))
+    assert seg.segment(image, ["a cat"])[0].shape == (33, 47)
