@@ -342,4 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so runners' ``models.parity.Checked`` is the class compared against.
+    from models.parity import main as module_main
+
+    sys.exit(module_main())

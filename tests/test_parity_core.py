@@ -56,3 +56,22 @@ def test_unknown_method_is_a_failure_not_a_skip(tmp_path: Path, capsys: pytest.C
     assert [r.checked.passed for r in results] == [False]
     assert main([str(tmp_path)]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == "0 passed, 1 failed"
+
+
+def test_checked_from_a_runner_is_honoured_under_python_m(tmp_path: Path) -> None:
+    """``python -m models.parity`` runs the module as __main__; a runner's Checked must still count."""
+    import subprocess
+    import sys
+
+    case = tmp_path / "cases" / "probe" / "c1"
+    case.mkdir(parents=True)
+    (case / "case.json").write_text(json.dumps({"method": "probe_checked", "kind": "k", "inputs": {},
+                                                "outputs": {"y": {"value": 999}}}))
+    runner = Path(__file__).parent.parent / "models" / "parity_runners" / "probe_checked.py"
+    runner.write_text("from models.parity import Checked\nRUNNERS = {'k': lambda case: {'y': Checked(True, 0.0)}}\n")
+    try:
+        out = subprocess.run([sys.executable, "-m", "models.parity", str(tmp_path / "cases")], capture_output=True,
+                             text=True, cwd=Path(__file__).parent.parent)
+    finally:
+        runner.unlink()
+    assert out.stdout.strip().splitlines()[-1] == "1 passed, 0 failed", out.stdout + out.stderr
