@@ -23,6 +23,7 @@ from models.ivt import (
     checkpoint_filter_fn,
     config_from_state_dict,
     load_ivt_checkpoint,
+    preprocess_image,
     tokenize_captions,
 )
 from models.parity import read_keys_tsv
@@ -195,8 +196,13 @@ def test_retrieval_adapter_contract_and_precisions(tmp_path: Path) -> None:
     assert adapter.encode_texts(["word " * 60]).shape == (1, 128)  # over-long query is capped, not a crash
 
     bf16 = IVTRetrievalModel.from_config(small_config(), precision="bf16", seed=1)
-    cosine = (bf16.encode_images(images) * image_feats).sum(axis=1)
-    assert cosine.min() > 0.98
+    bf16_feats = bf16.encode_images(images)
+    assert bf16.model.encoder_vl.blocks[0].mlp_vis.fc1.weight.dtype == torch.bfloat16
+    assert (bf16_feats * image_feats).sum(axis=1).min() > 0.98
+    pixels = torch.stack([preprocess_image(img, SMALL_IMAGE) for img in images])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_autocast = torch.nn.functional.normalize(adapter.model.encode_image(pixels).float(), dim=-1)
+    assert np.array_equal(bf16_feats, plain_autocast.numpy())  # weights cast once == autocast per call
     with pytest.raises(ValueError, match="precision 'fp16'"):
         IVTRetrievalModel.from_config(small_config(), precision="fp16")
 
