@@ -431,11 +431,10 @@ def candidate_caption_vectors(captions: LapsCaptionState) -> Tensor:
 
 
 def _bytes_per_pair(images: LapsImageState, max_words: int) -> int:
-    """Rough float32 working set of one pair in :func:`score_block` (the largest temporaries)."""
+    """Rough working set of one pair in :func:`score_block`: aggregation weights [Nc, N], tokens [Nc, C],
+    three copies of the match matrix [Nc + 2, L], and the float64 / float32 per-patch scores."""
     n, c, nc = images.num_patches, images.dim, images.num_aggregated
-    v = nc + 2
-    per_pair = 4 * ((nc + 1) * n * 3 + v * c * 3 + v * max_words * 3) + 8 * n * 3
-    return per_pair
+    return 4 * (nc * n + nc * c + 3 * (nc + 2) * max_words + 4 * n) + 8 * 2 * n
 
 
 def score_matrix(
