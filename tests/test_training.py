@@ -19,6 +19,9 @@ torch.set_num_threads(2)
 # method -> (synthetic kind = data sub-folder, steps for the falling-loss check)
 METHODS: dict[str, tuple[str, int]] = {
     "irra": ("person", 12),
+    "ivt": ("person", 12),
+    "laps": ("caption", 25),
+    "scanformer": ("refer", 12),
 }
 
 

@@ -389,15 +389,17 @@ def train(
     last_losses: dict[str, float] = {}
     stopped = False
     while epoch < total_epochs and not stopped:
-        batches = _epoch_batches(recipe, dataset, config, seed, epoch, batch_size, dist_info)[step_in_epoch:]
+        epoch_batches = _epoch_batches(recipe, dataset, config, seed, epoch, batch_size, dist_info)
+        epoch_steps = len(epoch_batches)  # a recipe's own order (identity sampler) may vary per epoch
+        batches = epoch_batches[step_in_epoch:]
         model.train()
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"{recipe.name} epoch {epoch + 1}/{total_epochs}",
+        bar = tqdm(total=epoch_steps, initial=step_in_epoch, desc=f"{recipe.name} epoch {epoch + 1}/{total_epochs}",
                    disable=not (progress and dist_info.is_main), unit="step", dynamic_ncols=True)
         sums: dict[str, float] = {}
         count = 0
         for batch in _iterate(dataset, batches, lambda s: recipe.collate(s, config), num_workers,
                               seed * 7919 + epoch * 104729 + step_in_epoch):
-            ctx = StepContext(epoch, step, step_in_epoch, steps_per_epoch, config, device)
+            ctx = StepContext(epoch, step, step_in_epoch, epoch_steps, config, device)
             batch = move_to(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 losses = train_step(batch, ctx)
@@ -421,7 +423,7 @@ def train(
             count += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last_losses['loss']:.4f}")
-            if step % log_every == 0 or step_in_epoch == steps_per_epoch:
+            if step % log_every == 0 or step_in_epoch == epoch_steps:
                 record = {"kind": "step", "epoch": epoch, "step": step, **last_losses,
                           "lr": [g["lr"] for g in optimizer.param_groups], "time": time.perf_counter() - started}
                 if grad_norm is not None:
@@ -436,7 +438,7 @@ def train(
             if save_every and step % save_every == 0:
                 save("save_every")
         bar.close()
-        if step_in_epoch >= steps_per_epoch:
+        if step_in_epoch >= epoch_steps:
             epoch += 1
             step_in_epoch = 0
             if recipe.schedule_unit == "epoch":

@@ -1,0 +1,196 @@
+"""IVT training recipe (TencentYoutuResearch/PersonRetrieval-IVT fine-tuning, research notes section 4).
+
+- Data: caption-level entries (IVT's reading and filters), identity sampler (``num_instance`` 4), three
+  independent augmentations of each image (multi-level alignment, MLA): view 1 <-> "word"-level text
+  (attribute phrases / one comma chunk), view 2 <-> phrase-level text (one piece of the caption), view 3 <->
+  the sentence. All 3B pairs go into ONE CMPM with the pids repeated, so every same-id pair is a positive.
+- Bidirectional mask modelling (BMM), as implemented: after the embeddings, ``k ~ U{0..int(0.2 N)}`` tokens
+  (never [CLS]) are dropped, the same positions for the whole batch, image and text drawn independently; the
+  rest are kept in permuted order (positions are already added). No reconstruction loss.
+- Loss: CMPM as ``loss/cmps_loss.py`` normalises it (``models.ivt.cmpm_loss``), nothing else.
+- Optimiser: SGD momentum 0.9, one group per tensor, lr 0.005, biases x2, weight decay 1e-4 on everything.
+- Schedule: per epoch, timm cosine over 120 epochs, 5 warm-up epochs from 0.01 x lr, floor 0.002 x lr.
+- drop-path 0.1 (linear over depth), text embedding dropout 0.1; AMP on GPU as officially.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from models.ivt import ATTENTION_MASK_FILL, IVT, IVTConfig, IVTEncoder, cmpm_loss, tokenize_captions
+from training.datasets import (
+    PersonCaption,
+    RandomIdentitySampler,
+    ivt_phrase_level_text,
+    ivt_train_transform,
+    ivt_word_level_text,
+    read_image,
+    read_person_caption_level,
+)
+from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, timm_cosine
+
+OFFICIAL: Config = {
+    "dataset": "CUHK-PEDES", "epochs": 120, "batch_size": 28, "num_instances": 4, "num_workers": 0,
+    "log_every": 50, "save_every": 0, "seed": 1234, "clip_grad_norm": None,
+    "model": {"image_size": [384, 128], "patch_size": 16, "stride": 12, "embed_dim": 768, "depth": 12,
+              "num_heads": 12, "mlp_hidden_dim": 3072, "drop_path_rate": 0.1, "text_dropout": 0.1},
+    "lr": 0.005, "momentum": 0.9, "bias_lr_factor": 2.0, "weight_decay": 1e-4, "weight_decay_bias": 1e-4,
+    "warmup_epochs": 5, "warmup_lr_factor": 0.01, "min_lr_factor": 0.002, "cosine_epochs": 120,
+    "bmm_percent": 0.2, "use_bmm": True, "max_text_tokens": None, "export_fp16": False,
+    "optimizer": "sgd",  # official; "adam" for the from-scratch demo
+}
+
+# Small shared encoder (width 128, 4 layers, 16x16 patches, stride 16 at 96x32) on synthetic data. The
+# official SGD (lr 0.005, no temperature in CMPM) starts from an IVT pre-trained encoder; from random weights
+# it collapses or crawls within a few hundred steps, so the demo uses Adam (same groups, same schedule shape).
+DEMO: Config = {
+    **OFFICIAL,
+    "epochs": 6, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
+    "cosine_epochs": 6,
+    "model": {"image_size": [96, 32], "patch_size": 16, "stride": 16, "embed_dim": 128, "depth": 4,
+              "num_heads": 2, "mlp_hidden_dim": 256, "drop_path_rate": 0.1, "text_dropout": 0.1,
+              "max_position_embeddings": 64},
+    "max_text_tokens": 64, "export_fp16": True,
+}
+
+TINY: Config = {
+    **DEMO, "epochs": 1, "batch_size": 8, "num_instances": 2, "lr": 3e-3, "warmup_epochs": 0,
+    "model": {**DEMO["model"], "image_size": [48, 16], "embed_dim": 32, "depth": 1, "num_heads": 1,
+              "mlp_hidden_dim": 64, "drop_path_rate": 0.0, "text_dropout": 0.0},
+}
+
+
+class IVTTrainDataset(Dataset):
+    """Official ``ImageDatasetLevel*``: three augmented views, the caption and the "word"-level text."""
+
+    def __init__(self, samples: list[PersonCaption], transform: Any, dataset_name: str) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.dataset_name = dataset_name
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry = self.samples[index]
+        image = read_image(entry.image_path)
+        views = [self.transform(image) for _ in range(3)]
+        word = ivt_word_level_text(entry.caption, self.dataset_name, random, entry.attributes)
+        return {"images": views, "caption": entry.caption, "word": word, "pid": entry.pid}
+
+
+def drop_tokens(x: torch.Tensor, percent: float, key_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BMM token dropping (``vit_vl.py`` L995-1006): drop ``k ~ U{0..int(percent N)}`` of positions 1..N-1,
+    the same ones for the whole batch; keep [CLS] first and the rest in the drawn (permuted) order."""
+    length = x.shape[1]
+    k = int(torch.randint(0, int(percent * length) + 1, ()).item())
+    order = torch.randperm(length - 1, device=x.device) + 1
+    keep = torch.cat([order.new_zeros(1), order[k:]])
+    if key_bias is not None:
+        key_bias = key_bias[..., keep]
+    return x[:, keep], key_bias
+
+
+def encode_image_bmm(encoder: IVTEncoder, pixels: torch.Tensor, percent: float) -> torch.Tensor:
+    """``IVTEncoder.encode_image`` with BMM after the position / type embeddings."""
+    patches = encoder.patch_embed(pixels)
+    cls = encoder.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+    x = encoder.pos_drop(torch.cat([cls, patches], dim=1) + encoder.pos_embed + encoder.type_embed)
+    x, _ = drop_tokens(x, percent)
+    for block in encoder.blocks:
+        x = block(x, is_image=True)
+    return encoder.norm(x[:, 0])
+
+
+def encode_text_bmm(encoder: IVTEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    percent: float) -> torch.Tensor:
+    """``IVTEncoder.encode_text`` with BMM after the embeddings (the mask is subset the same way)."""
+    x = encoder.embeddings(input_ids)
+    key_bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * ATTENTION_MASK_FILL
+    x, key_bias = drop_tokens(x, percent, key_bias)
+    for block in encoder.blocks:
+        x = block(x, is_image=False, key_bias=key_bias)
+    return encoder.norm(x[:, 0])
+
+
+class IVTRecipe(Recipe):
+    name = "ivt"
+    schedule_unit = "epoch"
+    export_name = "ivt.pth"
+    configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
+
+    def model_config(self, config: Config) -> IVTConfig:
+        values = dict(config["model"])
+        values["image_size"] = tuple(values["image_size"])
+        return IVTConfig(**values)
+
+    def build_model(self, config: Config) -> nn.Module:
+        return IVT(self.model_config(config))
+
+    def train_dataset(self, data_dir: Path, config: Config) -> IVTTrainDataset:
+        samples = read_person_caption_level(data_dir, config["dataset"])["train"]
+        config["model"]["num_classes"] = len({s.pid for s in samples})  # the unused classifier_img head
+        image_size = tuple(config["model"]["image_size"])
+        return IVTTrainDataset(samples, ivt_train_transform(image_size), config["dataset"])
+
+    def epoch_order(self, dataset: Dataset, config: Config, seed: int, epoch: int) -> list[int] | None:
+        pids = [s.pid for s in dataset.samples]  # type: ignore[attr-defined]
+        sampler = RandomIdentitySampler(pids, int(config["batch_size"]), int(config["num_instances"]), seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
+        """``processor.py`` L113-127: texts = word ++ phrase ++ sentence, images = view1 ++ view2 ++ view3."""
+        words = [s["word"] for s in samples]
+        phrases = [ivt_phrase_level_text(s["caption"], random) for s in samples]
+        sentences = [s["caption"] for s in samples]
+        input_ids, attention_mask = tokenize_captions(words + phrases + sentences, config["max_text_tokens"])
+        images = torch.cat([torch.stack([s["images"][v] for s in samples]) for v in range(3)])
+        pids = torch.tensor([s["pid"] for s in samples], dtype=torch.long).repeat(3)
+        return {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "pids": pids}
+
+    def param_groups(self, model: nn.Module, config: Config) -> list[dict[str, Any]]:
+        def settings(name: str) -> dict[str, Any]:  # solver/make_optimizer.py make_optimizer_triplet
+            if "bias" in name:
+                return {"lr": config["lr"] * config["bias_lr_factor"], "weight_decay": config["weight_decay_bias"]}
+            return {"lr": config["lr"], "weight_decay": config["weight_decay"]}
+
+        return group_by(model, settings)
+
+    def optimizer(self, groups: list[dict[str, Any]], config: Config) -> torch.optim.Optimizer:
+        if config["optimizer"] == "adam":  # coupled L2 like the official SGD's weight decay
+            return torch.optim.Adam(groups, lr=config["lr"])
+        return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"])
+
+    def lr_multiplier(self, config: Config, steps_per_epoch: int) -> Any:
+        return timm_cosine(config["warmup_epochs"], config["cosine_epochs"], config["warmup_lr_factor"],
+                           config["min_lr_factor"])
+
+    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> Losses:
+        ivt: IVT = model  # type: ignore[assignment]
+        encoder = ivt.encoder_vl
+        percent = float(ctx.config["bmm_percent"]) if ctx.config["use_bmm"] and model.training else 0.0
+        image_feats = encode_image_bmm(encoder, batch["images"], percent)
+        text_feats = encode_text_bmm(encoder, batch["input_ids"], batch["attention_mask"], percent)
+        loss = cmpm_loss(image_feats.float(), text_feats.float(), batch["pids"])
+        with torch.no_grad():
+            sims = nn.functional.normalize(text_feats.float(), dim=1) @ nn.functional.normalize(
+                image_feats.float(), dim=1).t()
+            top1 = batch["pids"][sims.argmax(dim=1)] == batch["pids"]
+        return {"cmpm_loss": loss, "t2i_top1": top1.float().mean()}
+
+    def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
+        """The official layout (``{'state_dict', 'epoch'}``) plus ``image_size``, which official files lack
+        (their size is the 384x128 default); the demo stores fp16 tensors."""
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if config["export_fp16"]:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save({"state_dict": state, "epoch": info["epoch"],
+                    "image_size": list(config["model"]["image_size"])}, path)

@@ -1,0 +1,122 @@
+"""ScanFormer training recipe. No official code exists (research notes section 5): the losses are the
+paper's (eq. 7-9: per-scale L1 + GIoU and the sparsity term, ``models.scanformer.scanformer_losses``); the
+optimisation follows the first author's VG-LAW and ViLT fine-tuning, each value marked where it comes from:
+
+- AdamW, weight decay 1e-4 (VG-LAW; biases and LayerNorms without decay, as ViLT); lr 1e-4 for ScanFormer's
+  own modules and 1e-5 for the ViLT-initialised encoder and embeddings (VG-LAW ``lr_base`` / ``lr_visual``);
+- per step: linear warm-up (ViLT: 10% of the steps) then linear decay to 0;
+- gradient norm clipped at 0.15 (VG-LAW ``clip_max_norm``); batch 256 in total (VG-LAW ``batch_sum``);
+- data: one item per sentence, VG-LAW's augmentation (``training.datasets.ScanformerTransform``: random
+  resize, box-keeping crop, flip with the left/right swap, random translate), ViLT's normalisation.
+The official preset does not load ViLT weights by itself: pass ``vilt_checkpoint`` (a ViLT-B/32 file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.checkpoint import load_checkpoint_file
+from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, scanformer_losses
+from models.tokenizers import bert_tokenizer
+from models.vilt import ViltConfig
+from training.datasets import ReferDataset, read_refer, scanformer_train_transform
+from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, linear_warmup_decay
+
+OFFICIAL: Config = {
+    "dataset": "refcoco", "split_by": "unc", "epochs": 20, "batch_size": 256, "num_workers": 0,
+    "log_every": 50, "save_every": 0, "seed": 0, "clip_grad_norm": 0.15,
+    "model": ScanFormerConfig().to_dict(), "vilt_checkpoint": None,
+    "lr": 1e-4, "backbone_lr_factor": 0.1, "weight_decay": 1e-4, "warmup_fraction": 0.1,
+    "multi_scale": True, "translate": True, "export_fp16": False,
+}
+
+# Small ViLT graph (width 64, 4 layers, 16x16 patches, pyramid 32/64/128 -> 2x2, 4x4, 8x8) from random weights.
+DEMO: Config = {
+    **OFFICIAL,
+    "dataset": "refsynth", "epochs": 10, "batch_size": 32, "log_every": 10, "clip_grad_norm": 1.0, "lr": 5e-4,
+    "backbone_lr_factor": 1.0, "warmup_fraction": 0.05,
+    "multi_scale": False,  # VG-LAW's sizes S + 32k (k = -4..4) assume S = 512; at 128 they reach 0
+    "model": ScanFormerConfig.small().to_dict(), "export_fp16": True,
+}
+
+TINY: Config = {
+    **DEMO, "epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_fraction": 0.0,
+    "model": ScanFormerConfig.small(vilt=ViltConfig.small(patch_size=16, hidden_size=32, num_layers=2,
+                                                          num_heads=2), image_size=64, num_scales=2,
+                                    l1_weights=(1.0, 1.0), giou_weights=(1.0, 1.0),
+                                    sparse_targets=(0.5,)).to_dict(),
+}
+
+
+class ScanFormerRecipe(Recipe):
+    name = "scanformer"
+    schedule_unit = "step"
+    export_name = "scanformer.pth"
+    configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
+
+    def model_config(self, config: Config) -> ScanFormerConfig:
+        return ScanFormerConfig.from_dict(dict(config["model"]))
+
+    def build_model(self, config: Config) -> nn.Module:
+        model = ScanFormer(self.model_config(config))
+        if config.get("vilt_checkpoint"):
+            model.init_from_vilt(load_checkpoint_file(config["vilt_checkpoint"]))
+        return model
+
+    def train_dataset(self, data_dir: Path, config: Config) -> ReferDataset:
+        cfg = self.model_config(config)
+        refer = read_refer(data_dir, config["dataset"], config["split_by"])
+        transform = scanformer_train_transform(cfg.image_size, config["multi_scale"], config["translate"],
+                                               mean=cfg.pixel_mean, std=cfg.pixel_std)
+        return ReferDataset(refer, "train", unit="sentence", transform=transform, with_mask=False)
+
+    def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
+        max_len = int(config["model"]["vilt"]["max_text_len"])
+        encoded = bert_tokenizer()([s["text"] for s in samples], padding="max_length", truncation=True,
+                                   max_length=max_len, return_tensors="pt")
+        return {"images": torch.stack([s["image"] for s in samples]), "input_ids": encoded["input_ids"],
+                "attention_mask": encoded["attention_mask"],
+                "boxes": torch.stack([s["box_cxcywh"] for s in samples])}
+
+    def param_groups(self, model: nn.Module, config: Config) -> list[dict[str, Any]]:
+        own = ScanFormer.OWN_PREFIXES
+
+        def settings(name: str) -> dict[str, Any]:
+            lr = config["lr"] if name.startswith(own) else config["lr"] * config["backbone_lr_factor"]
+            no_decay = name.endswith("bias") or "norm" in name.lower()
+            return {"lr": lr, "weight_decay": 0.0 if no_decay else config["weight_decay"]}
+
+        return group_by(model, settings)
+
+    def optimizer(self, groups: list[dict[str, Any]], config: Config) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
+
+    def lr_multiplier(self, config: Config, steps_per_epoch: int) -> Any:
+        total = steps_per_epoch * int(config["epochs"])
+        return linear_warmup_decay(int(config["warmup_fraction"] * total), total)
+
+    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> Losses:
+        scan: ScanFormer = model  # type: ignore[assignment]
+        out = scan(batch["input_ids"], batch["attention_mask"], batch["images"])
+        parts = scanformer_losses(out, batch["boxes"], scan.cfg)
+        result: Losses = {"box_loss": parts["bbox"], "sparse_loss": parts["sparse"]}
+        for scale in range(scan.cfg.num_scales):
+            result[f"l1_{scale}"] = parts[f"l1_{scale}"].detach()
+            result[f"giou_{scale}"] = parts[f"giou_{scale}"].detach()
+        for scale in range(1, scan.cfg.num_scales):
+            result[f"kept_{scale}"] = out.selection[scale].detach().float().mean()
+        return result
+
+    def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
+        """``models.scanformer.save_scanformer_checkpoint``'s format (config + strict state dict)."""
+        scan: ScanFormer = model  # type: ignore[assignment]
+        state = {k: v.detach().cpu().clone() for k, v in scan.state_dict().items()}
+        if config["export_fp16"]:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save({"format": CHECKPOINT_FORMAT, "config": scan.cfg.to_dict(), "state_dict": state,
+                    "extra": {"epoch": int(info["epoch"]), "step": int(info["step"]), "trained_by": "training.train"}},
+                   path)
