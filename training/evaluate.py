@@ -4,6 +4,12 @@
             IRRA: the official ``rank`` over all test captions x all test images.
             IVT: the standard unique-gallery protocol by default; ``--ivt-official`` gives the official
             IVT evaluator (CUHK/RSTP ``[::2]`` gallery, trapezoidal AP) to compare with IVT's own logs.
+    caption LAPS on a Karpathy split: exact LAPS scores of every image x caption, ``evalrank``'s R@K / rsum.
+    box     ScanFormer on a refer split: Acc@0.5 (IoU of the predicted and the annotated box >= 0.5).
+    mask    MagNet on a refer split: mIoU / oIoU / prec@X as the official ``test.py`` (at the model's S x S).
+    demo    every model of ``weights/demo/manifest.json`` on its held-out synthetic split, next to chance.
+
+Every metric is printed in a table like the papers' (percentages, two decimals).
 """
 
 from __future__ import annotations
@@ -60,6 +66,187 @@ def evaluate_person(args: argparse.Namespace, model: Any = None) -> dict[str, fl
     return evaluate_t2i(text_feats, image_feats, np.asarray(split.caption_pids), np.asarray(split.image_pids))
 
 
+def chance_person_r1(caption_pids: list[int], image_pids: list[int]) -> float:
+    """Expected R@1 of a random ranking: the fraction of gallery images sharing the query's id, averaged."""
+    gallery = np.asarray(image_pids)
+    return float(np.mean([np.mean(gallery == pid) for pid in caption_pids])) * 100.0
+
+
+# ------------------------------------------------------------------------------------------ caption (LAPS)
+
+
+def evaluate_caption(model: Any, data_root: Path, dataset: str = "synth", split: str = "test",
+                     batch_size: int = 64) -> dict[str, float]:
+    """LAPS ``evalrank`` on ``<data_root>/<dataset>/{split}_*`` with images under ``<data_root>/images``:
+    exact LAPS scores [images, captions], caption j belongs to image j // 5."""
+    from training.datasets import read_karpathy_split
+    from training.eval_laps import encode_captions, encode_images
+    from training.laps_metrics import evaluate_sims
+
+    karpathy = read_karpathy_split(Path(data_root) / dataset, split)
+    paths = [karpathy.image_path(Path(data_root) / "images", i) for i in karpathy.unique_image_ids()]
+    images = encode_images(model, paths, batch_size)
+    captions = encode_captions(model, karpathy.captions, batch_size)
+    sims = model.exact_scores(images, captions)
+    return evaluate_sims(sims)
+
+
+# ------------------------------------------------------------------------------------ refer (boxes, masks)
+
+
+def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _refer_sentences(refer: Any, split: str) -> dict[int, list[tuple[dict, str]]]:
+    """Every (ref, sentence) of a split, grouped by image id (one model call per image)."""
+    by_image: dict[int, list[tuple[dict, str]]] = {}
+    for ref_id in refer.ref_ids(split):
+        ref = refer.refs_by_id[ref_id]
+        for sentence in ref["sentences"]:
+            by_image.setdefault(ref["image_id"], []).append((ref, sentence["raw"]))
+    return by_image
+
+
+def _objects_of_image(refer: Any) -> dict[int, list[dict]]:
+    objects: dict[int, list[dict]] = {}
+    for ann in refer.annotations.values():
+        objects.setdefault(ann["image_id"], []).append(ann)
+    return objects
+
+
+def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", split_by: str = "unc",
+                   split: str = "test") -> dict[str, float]:
+    """REC Acc@0.5 over every sentence of the split; ``chance``: the expected Acc@0.5 of picking one of the
+    image's annotated objects at random."""
+    from training.datasets import read_refer
+
+    refer = read_refer(data_root, dataset, split_by)
+    objects = _objects_of_image(refer)
+    correct, chance, ious = [], [], []
+    for image_id, items in tqdm(_refer_sentences(refer, split).items(), desc="images", unit="image"):
+        image = read_image(refer.image_path(items[0][0]))
+        results = grounder.ground(image, [text for _, text in items])
+        for (ref, _), result in zip(items, results, strict=True):
+            target = refer.ref_box_xyxy(ref)
+            iou = box_iou_xyxy(np.asarray(result["box_xyxy"], np.float64), target)
+            ious.append(iou)
+            correct.append(iou >= 0.5)
+            candidates = [np.array([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                    a["bbox"][1] + a["bbox"][3]]) for a in objects[image_id]]
+            chance.append(np.mean([box_iou_xyxy(c, target) >= 0.5 for c in candidates]))
+    return {"Acc@0.5": 100.0 * float(np.mean(correct)), "mean_IoU": 100.0 * float(np.mean(ious)),
+            "chance_Acc@0.5": 100.0 * float(np.mean(chance)), "sentences": float(len(correct))}
+
+
+def evaluate_masks(segmenter: Any, data_root: Path, dataset: str = "refsynth", split_by: str = "unc",
+                   split: str = "test") -> dict[str, float]:
+    """Official ``test.py`` metrics at the model's S x S: prediction ``sigmoid > 0.5`` of the S x S logits vs the
+    LAVT target (part count == 1) NEAREST-resized to S x S. ``chance_mIoU``: the expected IoU of one of the
+    image's annotated objects picked at random (same target rule)."""
+    import torch
+
+    from models.magnet import mask_probabilities, preprocess_image, reference_target, tokenize_expressions
+    from training.datasets import decode_segmentation, read_refer
+    from training.refer_metrics import ReferSegmentationMetrics
+
+    refer = read_refer(data_root, dataset, split_by)
+    objects = _objects_of_image(refer)
+    metrics, chance = ReferSegmentationMetrics(), []
+    size = segmenter.img_size
+    model = segmenter.model
+    for image_id, items in tqdm(_refer_sentences(refer, split).items(), desc="images", unit="image"):
+        image = read_image(refer.image_path(items[0][0]))
+        pixels = preprocess_image(image, size).unsqueeze(0).to(segmenter.device)
+        ids, mask = tokenize_expressions([text for _, text in items], max_tokens=model.config.max_tokens)
+        with torch.inference_mode(), segmenter.autocast_context():
+            out = model(pixels, ids.to(segmenter.device), mask.to(segmenter.device))
+        probs = mask_probabilities(out["pred_logits"], out["pred_masks"], (size, size))[:, 0].float().cpu().numpy()
+        info = refer.images[image_id]
+        candidates = [reference_target(decode_segmentation(a["segmentation"], info["height"], info["width"]), size)
+                      for a in objects[image_id]]
+        for (ref, _), prob in zip(items, probs, strict=True):
+            target = reference_target(refer.ref_mask_sum(ref), size)
+            metrics.update(prob > 0.5, target)
+            chance.append(np.mean([_mask_iou(c, target) for c in candidates]))
+    result = {k: 100.0 * v for k, v in metrics.summary().items()}
+    result["chance_mIoU"] = 100.0 * float(np.mean(chance))
+    result["sentences"] = float(metrics.num_sentences)
+    return result
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+# ------------------------------------------------------------------------------------------ demo weights
+
+
+def evaluate_demo_entry(method: str, checkpoint: Path, data_root: Path, device: str = "cpu") -> dict[str, float]:
+    """Held-out (``test``) metrics of one demo model on its synthetic benchmark, with the chance level."""
+    import importlib
+
+    from service.registry import METHODS
+
+    module_name, class_name, _ = METHODS[method]
+    adapter = getattr(importlib.import_module(module_name), class_name)
+    model = adapter.from_checkpoint(str(checkpoint), device=device, precision="fp32")
+    if method in ("irra", "ivt"):
+        args = argparse.Namespace(root=data_root / "person", dataset="CUHK-PEDES", split="test", method=method,
+                                  batch_size=64, ivt_official=False)
+        metrics = evaluate_person(args, model)
+        split = read_person_annotations(data_root / "person", "CUHK-PEDES").test
+        metrics["chance_R1"] = chance_person_r1(split.caption_pids, split.image_pids)
+        return metrics
+    if method == "laps":
+        metrics = evaluate_caption(model, data_root / "caption")
+        num_images = len(read_karpathy_ids(data_root / "caption"))
+        metrics["chance_t2i_r1"] = 100.0 / num_images
+        metrics["chance_i2t_r1"] = 100.0 * 5 / (5 * num_images)
+        return metrics
+    if method == "scanformer":
+        return evaluate_boxes(model, data_root / "refer")
+    return evaluate_masks(model, data_root / "refer")
+
+
+def read_karpathy_ids(caption_root: Path, dataset: str = "synth", split: str = "test") -> list[int]:
+    from training.datasets import read_karpathy_split
+
+    return read_karpathy_split(caption_root / dataset, split).unique_image_ids()
+
+
+HEADLINE: dict[str, tuple[str, str]] = {  # method -> (metric, its chance level) in the demo table
+    "irra": ("R1", "chance_R1"), "ivt": ("R1", "chance_R1"), "laps": ("t2i_r1", "chance_t2i_r1"),
+    "scanformer": ("Acc@0.5", "chance_Acc@0.5"), "mask": ("mIoU", "chance_mIoU"), "magnet": ("mIoU", "chance_mIoU"),
+}
+
+
+def evaluate_demo(weights: Path, data_root: Path | None, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Every model of ``<weights>/manifest.json``; the synthetic data is (re)generated from the manifest's seed
+    and size when ``data_root`` lacks it, and its version must equal the manifest's."""
+    from training.demo import ensure_data
+
+    manifest = json.loads((weights / "manifest.json").read_text())
+    data_root = ensure_data(data_root, int(manifest["seed"]), manifest["data_size"], manifest["data_versions"])
+    results = {}
+    for method, entry in manifest["models"].items():
+        results[method] = evaluate_demo_entry(method, weights / entry["file"], data_root, device)
+    return results
+
+
+def print_demo_table(results: dict[str, dict[str, float]]) -> None:
+    print("| method | held-out metric | value | chance |")
+    print("|---|---|---|---|")
+    for method, metrics in results.items():
+        name, chance = HEADLINE[method]
+        print(f"| {method} | {name} | {metrics[name]:.2f} | {metrics[chance]:.2f} |")
+
+
 def print_table(title: str, metrics: dict[str, float]) -> None:
     names = list(metrics)
     print(title)
@@ -82,13 +269,58 @@ def main(argv: list[str] | None = None) -> int:
     person.add_argument("--batch-size", type=int, default=64)
     person.add_argument("--ivt-official", action="store_true", help="IVT's own evaluator instead of the standard")
     person.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    caption = sub.add_parser("caption", help="text-image retrieval (LAPS) on a Karpathy split")
+    caption.add_argument("--checkpoint", type=Path, required=True)
+    caption.add_argument("--root", type=Path, required=True, help="folder holding <dataset>/ and images/")
+    caption.add_argument("--dataset", default="synth")
+    caption.add_argument("--split", default="test")
+    for name, help_text in (("box", "referring expression comprehension (ScanFormer)"),
+                            ("mask", "referring image segmentation (MagNet)")):
+        refer = sub.add_parser(name, help=help_text)
+        refer.add_argument("--checkpoint", type=Path, required=True)
+        refer.add_argument("--root", type=Path, required=True, help="refer API data root")
+        refer.add_argument("--dataset", default="refcoco")
+        refer.add_argument("--split-by", default="unc")
+        refer.add_argument("--split", default="val")
+    demo = sub.add_parser("demo", help="the demo weights on their held-out synthetic splits, next to chance")
+    demo.add_argument("--weights", type=Path, default=Path("weights/demo"))
+    demo.add_argument("--data", type=Path, help="synthetic data root (generated there when missing)")
+    for p in (caption, sub.choices["box"], sub.choices["mask"], demo):
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
     if args.task == "person":
         metrics = evaluate_person(args)
+        title = f"{args.method} on {args.dataset} {args.split}"
+    elif args.task == "caption":
+        from models.laps import LapsSearchModel
+
+        model = LapsSearchModel.from_checkpoint(args.checkpoint, device=args.device)
+        metrics = evaluate_caption(model, args.root, args.dataset, args.split)
+        title = f"laps on {args.dataset} {args.split}"
+    elif args.task == "box":
+        from models.scanformer import ScanFormerGrounder
+
+        model = ScanFormerGrounder.from_checkpoint(args.checkpoint, device=args.device)
+        metrics = evaluate_boxes(model, args.root, args.dataset, args.split_by, args.split)
+        title = f"scanformer on {args.dataset} ({args.split_by}) {args.split}"
+    elif args.task == "mask":
+        from models.magnet import MagNetSegmenter
+
+        model = MagNetSegmenter.from_checkpoint(args.checkpoint, device=args.device)
+        metrics = evaluate_masks(model, args.root, args.dataset, args.split_by, args.split)
+        title = f"magnet on {args.dataset} ({args.split_by}) {args.split}"
+    else:
+        results = evaluate_demo(args.weights, args.data, args.device)
         if args.json:
-            print(json.dumps(metrics))
+            print(json.dumps(results, indent=1))
         else:
-            print_table(f"{args.method} on {args.dataset} {args.split}", metrics)
+            print_demo_table(results)
+        return 0
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print_table(title, metrics)
     return 0
 
 

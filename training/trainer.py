@@ -67,7 +67,8 @@ class Recipe:
 
     ``configs`` maps a preset name (``"official"``, ``"demo"``, ...) to a config dict; keys the trainer reads
     itself: ``epochs``, ``batch_size``, ``clip_grad_norm`` (None = no clipping), ``num_workers``,
-    ``log_every``, ``save_every`` (steps; 0 = only at epoch ends), ``seed``.
+    ``log_every``, ``save_every`` (steps; 0 = only at epoch ends), ``seed``, ``epoch_samples`` (optional: an
+    epoch is the first N samples of its shuffled order).
     """
 
     name: str = ""
@@ -277,6 +278,8 @@ def _epoch_batches(recipe: Recipe, dataset: Dataset, config: Config, seed: int, 
     elif dist_info.enabled:
         usable = len(order) // dist_info.world_size * dist_info.world_size
         order = order[dist_info.rank:usable:dist_info.world_size]
+    if config.get("epoch_samples"):  # a shorter "epoch": the first N of the shuffled order (short demo runs)
+        order = order[: int(config["epoch_samples"]) // dist_info.world_size]
     return [list(b) for b in BatchSampler(order, batch_size, drop_last=True)]
 
 

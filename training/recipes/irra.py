@@ -45,13 +45,14 @@ OFFICIAL: Config = {
     "mlm_loss_weight": 1.0, "export_fp16": False, "export_training_heads": True,
 }
 
-# Small CLIP towers (ViT-B/16 layout at 96x32 -> 6x2 patches; text width 32, one head), synthetic data.
+# Small CLIP towers (ViT-B/16 layout at 96x32 -> 6x2 patches, width 96; text width 32; one head each, as the
+# loader infers heads = width // 64), synthetic data.
 # lr is larger than the official 1e-5 because the towers start from random weights, not from CLIP.
 DEMO: Config = {
     **OFFICIAL,
     "epochs": 12, "batch_size": 32, "log_every": 10, "seed": 0, "lr": 3e-4, "warmup_epochs": 0,
-    "model": {**IRRAConfig().to_dict(), "embed_dim": 64, "image_size": [96, 32], "vision_width": 128,
-              "vision_layers": 3, "vision_heads": 2, "text_width": 32, "text_layers": 3, "text_heads": 1,
+    "model": {**IRRAConfig().to_dict(), "embed_dim": 64, "image_size": [96, 32], "vision_width": 96,
+              "vision_layers": 3, "vision_heads": 1, "text_width": 32, "text_layers": 3, "text_heads": 1,
               "cmt_depth": 1, "cross_heads": 1},
     "export_fp16": True, "export_training_heads": False,
 }

@@ -46,22 +46,23 @@ OFFICIAL: Config = {
     "optimizer": "sgd",  # official; "adam" for the from-scratch demo
 }
 
-# Small shared encoder (width 128, 4 layers, 16x16 patches, stride 16 at 96x32) on synthetic data. The
+# Small shared encoder (width 64 = one 64-wide head, as the loader infers heads; 4 layers; 16x16 patches,
+# stride 16 at 96x32) on synthetic data. The
 # official SGD (lr 0.005, no temperature in CMPM) starts from an IVT pre-trained encoder; from random weights
 # it collapses or crawls within a few hundred steps, so the demo uses Adam (same groups, same schedule shape).
 DEMO: Config = {
     **OFFICIAL,
-    "epochs": 6, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
-    "cosine_epochs": 6,
-    "model": {"image_size": [96, 32], "patch_size": 16, "stride": 16, "embed_dim": 128, "depth": 4,
-              "num_heads": 2, "mlp_hidden_dim": 256, "drop_path_rate": 0.1, "text_dropout": 0.1,
+    "epochs": 3, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
+    "cosine_epochs": 3,
+    "model": {"image_size": [96, 32], "patch_size": 16, "stride": 16, "embed_dim": 64, "depth": 4,
+              "num_heads": 1, "mlp_hidden_dim": 256, "drop_path_rate": 0.1, "text_dropout": 0.1,
               "max_position_embeddings": 64},
     "max_text_tokens": 64, "export_fp16": True,
 }
 
 TINY: Config = {
     **DEMO, "epochs": 1, "batch_size": 8, "num_instances": 2, "lr": 3e-3, "warmup_epochs": 0,
-    "model": {**DEMO["model"], "image_size": [48, 16], "embed_dim": 32, "depth": 1, "num_heads": 1,
+    "model": {**DEMO["model"], "image_size": [64, 32], "embed_dim": 64, "depth": 1, "num_heads": 1,
               "mlp_hidden_dim": 64, "drop_path_rate": 0.0, "text_dropout": 0.0},
 }
 

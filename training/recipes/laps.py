@@ -43,15 +43,15 @@ OFFICIAL: Config = {
     "embedding_warmup_epochs": 0, "size_augment": True, "export_fp16": False,
 }
 
-# Small ViT (64x64 input, 8x8 patches -> 64 tokens, width 128, 3 layers) and BERT (width 32, 2 layers), from
+# Small ViT (64x64 input, 8x8 patches -> 64 tokens, width 96, 3 layers) and BERT (width 32, 2 layers), from
 # random weights (the released model starts from ImageNet-21k ViT and BERT-base), so a larger lr.
 DEMO: Config = {
     **OFFICIAL,
     "dataset": "synth", "epochs": 8, "batch_size": 32, "log_every": 10, "lr": 1e-3, "backbone_lr_factor": 1.0,
     "decay_epochs": [6], "model": {
         "backbone": "vit", "embed_size": 64, "sparse_ratio": 0.5, "aggr_ratio": 0.4,
-        "vision": {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_hidden_layers": 3,
-                   "num_attention_heads": 2, "intermediate_size": 256},
+        "vision": {"image_size": 64, "patch_size": 8, "hidden_size": 96, "num_hidden_layers": 3,
+                   "num_attention_heads": 2, "intermediate_size": 192},
         "text": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
                  "max_position_embeddings": 64}},
     "export_fp16": True,

@@ -1,0 +1,131 @@
+"""Re-train every demo model from scratch: ``python -m training.demo --out weights/demo``.
+
+1. generates the synthetic benchmark (``training.synthetic``, seed 0, size ``medium``: referring scenes,
+   person crops, captioned scenes; the ``test`` splits hold attribute combinations never seen in training);
+2. trains a small configuration of each architecture (the recipe's ``demo`` preset: the official graph with
+   smaller widths / depths / inputs, the official tokenizers) with ``training.trainer``, each within a time
+   budget, on the CPU (2 threads);
+3. writes ``<out>/<method>.pth`` (fp16 tensors; the service adapters load them with ``from_checkpoint``) and
+   ``<out>/manifest.json``: the command, seed, data versions, the training summary and the held-out metrics of
+   each model next to its chance level (``python -m training.evaluate demo`` prints them again).
+
+On an idle 2-core CPU the whole run takes about 25 minutes. Training state (``last.pth``, metrics logs) goes
+to ``--work`` (default: a folder next to the data), not into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.recipes import get_recipe
+from training.synthetic import KINDS, generate_caption, generate_person, generate_refer
+from training.trainer import train
+
+DEMO_SEED = 0
+DEMO_SIZE = "medium"
+METHOD_DATA: dict[str, str] = {"irra": "person", "ivt": "person", "laps": "caption", "scanformer": "refer",
+                               "magnet": "refer"}
+# seconds of training per method on an idle 2-core CPU (the preset's epochs normally end first)
+TIME_BUDGET_S: dict[str, float] = {"irra": 280.0, "ivt": 300.0, "laps": 280.0, "scanformer": 240.0, "magnet": 330.0}
+GENERATORS = {"refer": generate_refer, "person": generate_person, "caption": generate_caption}
+
+
+def default_data_root(seed: int, size: str) -> Path:
+    return Path.home() / ".cache" / "vls-demo" / f"synthetic-seed{seed}-{size}"
+
+
+def data_versions(root: Path) -> dict[str, str]:
+    out = {}
+    for kind in KINDS:
+        manifest = root / kind / "manifest.json"
+        if manifest.exists():
+            out[kind] = json.loads(manifest.read_text())["version"]
+    return out
+
+
+def ensure_data(root: Path | None, seed: int = DEMO_SEED, size: str = DEMO_SIZE,
+                expected: dict[str, str] | None = None) -> Path:
+    """The synthetic benchmark under ``root`` (generated where a kind is missing); with ``expected`` the
+    versions (content hashes) must match, so metrics are computed on the very data the manifest names."""
+    root = Path(root) if root is not None else default_data_root(seed, size)
+    have = data_versions(root)
+    for kind in KINDS:
+        if kind not in have:
+            print(f"generating synthetic {kind} data (seed {seed}, {size}) in {root / kind}", file=sys.stderr)
+            GENERATORS[kind](root / kind, seed=seed, size=size, progress=True)
+    have = data_versions(root)
+    if expected:
+        wrong = {k: (have.get(k), v) for k, v in expected.items() if have.get(k) != v}
+        if wrong:
+            raise ValueError(f"synthetic data under {root} differs from the manifest's: {wrong}")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.evaluate import HEADLINE, evaluate_demo_entry, print_demo_table
+
+    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("weights/demo"))
+    parser.add_argument("--data", type=Path, help="synthetic data root (default: a cache folder in $HOME)")
+    parser.add_argument("--work", type=Path, help="training state folder (default: next to the data)")
+    parser.add_argument("--methods", nargs="*", default=list(METHOD_DATA), choices=list(METHOD_DATA))
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every time budget")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    data_root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
+    versions = data_versions(data_root)
+    work = args.work or data_root.parent / "demo-work"
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / "manifest.json"
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.update({
+        "command": "python -m training.demo --out weights/demo",
+        "evaluate": "python -m training.evaluate demo",
+        "seed": DEMO_SEED, "data_size": DEMO_SIZE, "data_versions": versions, "split": "test (held-out combinations)",
+        "note": "small configurations of the official architectures trained from random weights on synthetic "
+                "data; for trying the service, not for real images",
+    })
+    manifest.setdefault("models", {})
+    results = {}
+    for method in args.methods:
+        recipe = get_recipe(method)
+        config = recipe.config("demo")
+        run_dir = work / method
+        shutil.rmtree(run_dir, ignore_errors=True)  # from scratch
+        kind = METHOD_DATA[method]
+        result = train(recipe, data_root / kind, run_dir, config, device="cpu", precision="fp32",
+                       time_budget_s=TIME_BUDGET_S[method] * args.time_scale, progress=True)
+        target = args.out / f"{method}.pth"
+        shutil.copyfile(result.export_path, target)
+        metrics = evaluate_demo_entry(method, target, data_root)
+        results[method] = metrics
+        name, chance = HEADLINE[method]
+        manifest["models"][method] = {
+            "file": target.name, "source": "demo", "config": "demo", "data": f"{kind}: {versions[kind]}",
+            "train": {"epochs": result.epoch, "steps": result.step, "seconds": round(result.seconds, 1),
+                      "planned_epochs": config["epochs"], "last_losses": result.last_losses},
+            "metric": name, "value": round(metrics[name], 2), "chance": round(metrics[chance], 2),
+            "metrics": {k: round(v, 2) for k, v in metrics.items()},
+            "size_bytes": target.stat().st_size,
+        }
+        manifest["total_seconds"] = round(time.perf_counter() - started, 1)
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        print(f"[demo] {method}: {name} {metrics[name]:.2f} (chance {metrics[chance]:.2f}), "
+              f"{result.step} steps in {result.seconds:.0f}s", file=sys.stderr)
+    print_demo_table(results)
+    print(f"total {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""MagNet training recipe. The release has no training code (research notes section 5); the recipe is the
+paper's objective on LAVT's optimisation, which the released ``args.py`` keeps:
+
+- loss: ``2.0 BCE + 2.0 Dice`` on the mask (upsampled bilinearly with ``align_corners=True``, as evaluated);
+  the paper's two auxiliary terms are options (``grounding_weight``, ``cal_weight``; the ``paper`` preset
+  turns both on) computed by modules that live only here, so checkpoints keep the official layout:
+  * Mask Grounding (``MaskGroundingHead``): tokens of the expression are masked (ovr-cnn style, as the author
+    points to: each word piece with p = 0.15, then [MASK] with p = 0.9, else kept); the masked expression runs
+    through MagNet (so the visual features cannot leak the hidden words); the GT mask's centre goes through a
+    2-layer MLP; the final language features are projected to the visual width; a BERT-like transformer
+    predicts the masked tokens from the concatenated language, visual (1/32 pixel-decoder map) and mask
+    embeddings; cross-entropy on the masked positions. Weight 1.0 in the paper.
+  * CAL (``cross_modal_alignment_loss``): pixel-to-pixel (positive pixels pulled to the positive mean, negatives
+    to the negative mean, each against the other set, temperature tau1) + pixel-to-text (positive pixels to the
+    projected mean word feature ``lang_proj``, against the negative pixels, tau2); features L2-normalised; the
+    usual ``-log`` contrastive form (the seed's rendering drops the log). lambda, tau1, tau2 are not published:
+    0.1 / 0.1 / 0.1 here [choice].
+- optimiser: AdamW, lr 5e-5, weight decay 0.01; no decay on norms, absolute position embeddings and relative
+  position bias tables (LAVT's groups). LAVT also leaves BERT layers 10-11 out of the optimiser; MagNet's own
+  choice is unpublished, so every parameter trains here.
+- schedule: poly ``(1 - it / total)^0.9`` per iteration; 40 epochs, batch 32 in total (4 x 8).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.magnet import MagNet, MagNetConfig, tokenize_expressions
+from models.tokenizers import bert_tokenizer
+from training.datasets import ReferDataset, magnet_train_transform, read_refer
+from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, poly
+
+MASK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 103, 101, 102, 0
+
+OFFICIAL: Config = {
+    "dataset": "refcoco", "split_by": "unc", "epochs": 40, "batch_size": 32, "num_workers": 0, "log_every": 50,
+    "save_every": 0, "seed": 0, "clip_grad_norm": None,
+    "model": MagNetConfig().to_dict(),
+    "lr": 5e-5, "weight_decay": 0.01, "poly_power": 0.9,
+    "bce_weight": 2.0, "dice_weight": 2.0, "grounding_weight": 0.0, "cal_weight": 0.0, "cal_tau1": 0.1,
+    "cal_tau2": 0.1, "mask_prob": 0.15, "mask_token_prob": 0.9, "grounding_layers": 2, "export_fp16": False,
+}
+PAPER: Config = {**OFFICIAL, "grounding_weight": 1.0, "cal_weight": 0.1}
+
+SMALL_MODEL: dict[str, Any] = {
+    **MagNetConfig().to_dict(), "img_size": 96, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8],
+    "window_size": 7, "hidden_size": 32, "lang_heads": 2, "lang_ffn": 64, "max_position_embeddings": 32,
+    "lang_stage_ends": [1, 2, 3, 4], "decoder_dim": 32, "mask_dim": 32, "decoder_heads": 4, "group_norm_groups": 8,
+    "pixel_decoder_layers": 1, "pixel_decoder_ffn": 64, "decoder_layers": 3, "decoder_ffn": 64,
+}
+# The Swin-B / BERT-base graph shrunk (Swin width 16, one block per stage, BERT width 32, 1 BERT layer per
+# stage, 3 decoder layers) at 96 px, from random weights (the release starts from ImageNet-22k Swin and
+# BERT), so a larger lr.
+DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 8, "batch_size": 16, "log_every": 10, "lr": 1e-3,
+                "model": SMALL_MODEL, "export_fp16": True}
+TINY: Config = {**DEMO, "epochs": 1, "batch_size": 4, "lr": 2e-3, "grounding_weight": 1.0, "cal_weight": 0.1,
+                "model": {**SMALL_MODEL, "img_size": 64, "decoder_layers": 1}}
+
+
+# ----------------------------------------------------------------------------------------------- paper losses
+
+
+class MaskGroundingHead(nn.Module):
+    """Training-only Mask Grounding branch (paper Sec. 3.1): mask-centre MLP, language projection, a BERT-like
+    masked-token predictor over [language; visual; mask] tokens and an MLM head over the BERT vocabulary."""
+
+    def __init__(self, config: MagNetConfig, layers: int = 2):
+        super().__init__()
+        dim = config.decoder_dim
+        self.mask_encoder = nn.Sequential(nn.Linear(2, dim), nn.ReLU(), nn.Linear(dim, dim))  # 2-layer MLP
+        self.language_proj = nn.Linear(config.hidden_size, dim)
+        self.type_embed = nn.Embedding(3, dim)  # language / visual / mask segments
+        block = nn.TransformerEncoderLayer(dim, config.decoder_heads, config.decoder_ffn, dropout=0.0,
+                                           activation="gelu", batch_first=True)  # post-LN, as BERT
+        self.predictor = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.mlm_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim),
+                                      nn.Linear(dim, config.vocab_size))
+
+    def forward(self, language: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor,
+                mask_centres: torch.Tensor) -> torch.Tensor:
+        """language [B, T, H], visual [B, C, h, w], centres [B, 2] in [0, 1] -> vocabulary logits [B, T, V]."""
+        lang = self.language_proj(language) + self.type_embed.weight[0]
+        vis = visual.flatten(2).transpose(1, 2) + self.type_embed.weight[1]
+        mask = self.mask_encoder(mask_centres).unsqueeze(1) + self.type_embed.weight[2]
+        tokens = torch.cat([lang, vis, mask], dim=1)
+        pad = torch.cat([attention_mask == 0, attention_mask.new_zeros(vis.shape[0], vis.shape[1] + 1).bool()], 1)
+        hidden = self.predictor(tokens, src_key_padding_mask=pad)
+        return self.mlm_head(hidden[:, : language.shape[1]])
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, prob: float, mask_prob: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ovr-cnn ``word_embedding.py`` masking: each real word piece (not [CLS]/[SEP]/[PAD]) is selected with
+    ``prob``; a selected piece becomes [MASK] with ``mask_prob``, else stays. At least one piece per expression
+    is selected (the first). Returns (masked ids, labels with -100 where not selected)."""
+    eligible = (attention_mask == 1) & (input_ids != CLS_TOKEN_ID) & (input_ids != SEP_TOKEN_ID)
+    selected = (torch.rand(input_ids.shape, device=input_ids.device) < prob) & eligible
+    none = ~selected.any(dim=1) & eligible.any(dim=1)
+    first = eligible.float().argmax(dim=1)
+    selected[none, first[none]] = True
+    replace = selected & (torch.rand(input_ids.shape, device=input_ids.device) < mask_prob)
+    masked = torch.where(replace, torch.full_like(input_ids, MASK_TOKEN_ID), input_ids)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    return masked, labels
+
+
+def cross_modal_alignment_loss(pixels: torch.Tensor, target: torch.Tensor, text: torch.Tensor, tau1: float,
+                               tau2: float) -> torch.Tensor:
+    """CAL = P2P + P2T (paper eq. for L_CAL) in ``-log`` form, averaged over the samples that have both
+    positive and negative pixels. pixels [B, C, h, w], target [B, h, w] in {0, 1}, text [B, C]."""
+    pixels = F.normalize(pixels.float(), dim=1)
+    text = F.normalize(text.float(), dim=-1)
+    losses = []
+    for b in range(pixels.shape[0]):
+        feats = pixels[b].flatten(1).t()  # [hw, C]
+        positive = feats[target[b].flatten() > 0]
+        negative = feats[target[b].flatten() == 0]
+        if len(positive) == 0 or len(negative) == 0:
+            continue
+        pos_mean = F.normalize(positive.mean(0), dim=0)
+        neg_mean = F.normalize(negative.mean(0), dim=0)
+        pos_neg = positive @ negative.t()  # [P, N]
+
+        def contrast(anchor_logit: torch.Tensor, others: torch.Tensor, tau: float) -> torch.Tensor:
+            """-log(e^{a/tau} / (e^{a/tau} + sum_j e^{o_j/tau})), per row."""
+            logits = torch.cat([anchor_logit[:, None], others], dim=1) / tau
+            return -(logits[:, 0] - torch.logsumexp(logits, dim=1))
+
+        p2p = contrast(positive @ pos_mean, pos_neg, tau1).mean() + contrast(negative @ neg_mean, pos_neg.t(),
+                                                                             tau1).mean()
+        p2t = contrast(positive @ text[b], pos_neg, tau2).mean()
+        losses.append(p2p + p2t)
+    if not losses:
+        return pixels.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mask2Former ``dice_loss``: ``1 - (2 sum(p g) + 1) / (sum p + sum g + 1)`` per mask, averaged."""
+    probs = logits.sigmoid().flatten(1)
+    target = target.flatten(1)
+    return (1 - (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)).mean()
+
+
+class MagNetTrainModel(nn.Module):
+    """MagNet plus the training-only Mask Grounding branch (never exported)."""
+
+    def __init__(self, config: MagNetConfig, with_grounding: bool, grounding_layers: int):
+        super().__init__()
+        self.magnet = MagNet(config)
+        self.grounding = MaskGroundingHead(config, grounding_layers) if with_grounding else None
+
+
+class MagNetRecipe(Recipe):
+    name = "magnet"
+    schedule_unit = "step"
+    export_name = "magnet.pth"
+    configs = {"official": OFFICIAL, "paper": PAPER, "demo": DEMO, "tiny": TINY}
+
+    def model_config(self, config: Config) -> MagNetConfig:
+        return MagNetConfig.from_dict(dict(config["model"]))
+
+    def build_model(self, config: Config) -> nn.Module:
+        return MagNetTrainModel(self.model_config(config), config["grounding_weight"] > 0,
+                                int(config["grounding_layers"]))
+
+    def train_dataset(self, data_dir: Path, config: Config) -> ReferDataset:
+        refer = read_refer(data_dir, config["dataset"], config["split_by"])
+        return ReferDataset(refer, "train", unit="ref", transform=magnet_train_transform(config["model"]["img_size"]))
+
+    def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
+        ids, mask = tokenize_expressions([s["text"] for s in samples], bert_tokenizer(),
+                                         int(config["model"]["max_tokens"]))
+        return {"images": torch.stack([s["image"] for s in samples]), "input_ids": ids, "attention_mask": mask,
+                "masks": torch.stack([s["mask"] for s in samples]).float()}
+
+    def param_groups(self, model: nn.Module, config: Config) -> list[dict[str, Any]]:
+        def settings(name: str) -> dict[str, Any]:  # LAVT train.py: no decay on norms / position tables
+            no_decay = "norm" in name or "absolute_pos_embed" in name or "relative_position_bias_table" in name
+            return {"weight_decay": 0.0 if no_decay else config["weight_decay"]}
+
+        return group_by(model, settings)
+
+    def optimizer(self, groups: list[dict[str, Any]], config: Config) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
+
+    def lr_multiplier(self, config: Config, steps_per_epoch: int) -> Any:
+        return poly(steps_per_epoch * int(config["epochs"]), config["poly_power"])
+
+    def _features(self, magnet: MagNet, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+                  ) -> dict[str, Any]:
+        """The official forward, keeping the pixel decoder maps and the language features."""
+        x, height, width = magnet.image_model.forward_stem(pixels)
+        word_mask = mask.unsqueeze(-1)
+        extended_mask = magnet.language_model.extended_mask(mask)
+        words = magnet.language_model.embeddings(ids)
+        features = []
+        for stage, image_stage in enumerate(magnet.image_model.layers):
+            x = image_stage.forward_blocks(x, height, width)
+            words = magnet.language_model.forward_stage(stage, words, extended_mask)
+            s_k, x_next, next_h, next_w = image_stage.forward_fusion(x, height, width, words, word_mask)
+            words = magnet.language_model.forward_fusion(stage, x, words, extended_mask)
+            features.append(s_k)
+            x, height, width = x_next, next_h, next_w
+        mask_features, multi_scale = magnet.classifier.pixel_decoder(features)
+        out = dict(magnet.classifier.predictor(multi_scale, mask_features))
+        out.update(mask_features=mask_features, coarse=multi_scale[0], language=words)
+        return out
+
+    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> Losses:
+        cfg = ctx.config
+        wrapper: MagNetTrainModel = model  # type: ignore[assignment]
+        magnet = wrapper.magnet
+        target = batch["masks"]
+        out = self._features(magnet, batch["images"], batch["input_ids"], batch["attention_mask"])
+        logits = F.interpolate(out["pred_masks"].float(), size=target.shape[-2:], mode="bilinear",
+                               align_corners=True)[:, 0]
+        result: Losses = {
+            "bce_loss": cfg["bce_weight"] * F.binary_cross_entropy_with_logits(logits, target),
+            "dice_loss": cfg["dice_weight"] * dice_loss(logits, target),
+        }
+        with torch.no_grad():
+            pred = logits > 0
+            inter = (pred & (target > 0)).flatten(1).sum(1).float()
+            union = (pred | (target > 0)).flatten(1).sum(1).float()
+            result["train_miou"] = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter)).mean()
+        if cfg["cal_weight"] > 0:
+            small = F.interpolate(target[:, None], size=out["mask_features"].shape[-2:], mode="nearest")[:, 0]
+            words = out["language"]
+            valid = batch["attention_mask"].unsqueeze(-1).to(words.dtype)
+            mean_word = (words * valid).sum(1) / valid.sum(1).clamp(min=1)
+            text = magnet.lang_proj(mean_word)  # the checkpoint's otherwise unused projection
+            result["cal_loss"] = cfg["cal_weight"] * cross_modal_alignment_loss(
+                out["mask_features"], small, text, cfg["cal_tau1"], cfg["cal_tau2"])
+        if cfg["grounding_weight"] > 0 and wrapper.grounding is not None:
+            masked_ids, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], cfg["mask_prob"],
+                                             cfg["mask_token_prob"])
+            masked = self._features(magnet, batch["images"], masked_ids, batch["attention_mask"])
+            area = target.flatten(1).sum(1).clamp(min=1)
+            ys = torch.linspace(0, 1, target.shape[-2], device=target.device)
+            xs = torch.linspace(0, 1, target.shape[-1], device=target.device)
+            centres = torch.stack([(target.sum(1) * xs).sum(1) / area, (target.sum(2) * ys).sum(1) / area], dim=1)
+            vocab_logits = wrapper.grounding(masked["language"], batch["attention_mask"], masked["coarse"], centres)
+            result["grounding_loss"] = cfg["grounding_weight"] * F.cross_entropy(
+                vocab_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return result
+
+    def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
+        """``{'model': state_dict}`` as the release, plus ``config`` / ``img_size`` for non-default sizes; the
+        Mask Grounding branch is training-only and left out."""
+        magnet: MagNet = model.magnet  # type: ignore[assignment]
+        state = {k: v.detach().cpu().clone() for k, v in magnet.state_dict().items()}
+        if config["export_fp16"]:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        cfg = magnet.config.to_dict()
+        torch.save({"model": state, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                    "img_size": int(magnet.config.img_size), "epoch": int(info["epoch"])}, path)
