@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -644,6 +645,27 @@ class LapsSearchModel:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.caption_vectors(self.caption_states(texts))
+
+    # -- storage of image states (the service keeps one blob per gallery image for the exact stage)
+    def image_state_bytes(self, images: Sequence[Image.Image]) -> list[bytes]:
+        """One float32 ``.npz`` blob per image holding the text-independent state (derived parts recomputed)."""
+        states = self.image_states(images)
+        blobs = []
+        for i in range(len(states)):
+            one = states.select([i])
+            arrays = {"patches": one.patches, "aggr_logits": one.aggr_logits, "cls": one.cls,
+                      "patch_prior": one.patch_prior}
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: v.float().numpy() for k, v in arrays.items() if v is not None})
+            blobs.append(buffer.getvalue())
+        return blobs
+
+    @staticmethod
+    def state_from_bytes(blob: bytes) -> LapsImageState:
+        with np.load(io.BytesIO(blob)) as arrays:
+            tensors = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+        return LapsImageState(patches=tensors["patches"], cls=tensors.get("cls"),
+                              aggr_logits=tensors["aggr_logits"], patch_prior=tensors.get("patch_prior"))
 
     def exact_scores(self, image_states: LapsImageState, caption_states: LapsCaptionState,
                      **kwargs: Any) -> np.ndarray:

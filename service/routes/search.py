@@ -69,13 +69,18 @@ async def search(body: SearchRequest, state: AppState = Depends(get_state)) -> d
 
 def _exact_rescore(state: AppState, entry: Any, kind: str, body: SearchRequest, ids: np.ndarray,
                    query_image: Any) -> np.ndarray:
-    """LAPS's second stage: the exact cross-modal score on the candidates (images x one caption, or one image x
-    captions), from the per-item states stored at indexing time."""
+    """LAPS's second stage: the exact cross-modal score on the candidates (candidate images x the caption, or
+    the query image x candidate captions), images from the per-item states stored at indexing time."""
     model = entry.model
     if kind == "images":
         blobs = state.store.states(body.collection, body.method, [int(i) for i in ids])
-        images = [model.state_from_bytes(blobs[int(i)]) for i in ids]
-        return np.asarray(model.exact_scores(images, [body.query]), np.float32)[:, 0]
-    texts = [state.store.items(body.collection, [int(i)])[int(i)]["text"] for i in ids]
-    image_state = model.image_states([query_image])
-    return np.asarray(model.exact_scores(image_state, texts), np.float32)[0]
+        missing = [int(i) for i in ids if blobs.get(int(i)) is None]
+        if missing:
+            raise ApiError(409, "state_missing", f"items {missing[:5]} have no stored {body.method} state; "
+                                                 "re-add them or rebuild the collection")
+        images = type(model.state_from_bytes(blobs[int(ids[0])])).cat(
+            [model.state_from_bytes(blobs[int(i)]) for i in ids])
+        return np.asarray(model.exact_scores(images, model.caption_states([body.query])), np.float32)[:, 0]
+    found = state.store.items(body.collection, [int(i) for i in ids])
+    captions = model.caption_states([found[int(i)]["text"] for i in ids])
+    return np.asarray(model.exact_scores(model.image_states([query_image]), captions), np.float32)[0]
