@@ -539,3 +539,41 @@ def score_matrix_reference(
                 out[i, t] = score_pair_reference(images, i, captions, t, keep_k, aggr_mlp, aggr_scale,
                                                  selection, paper)
     return out
+
+
+def score_matrix_per_caption(
+    images: LapsImageState,
+    captions: LapsCaptionState,
+    keep_k: int,
+    aggr_mlp: Callable[[Tensor], Tensor],
+    aggr_scale: Tensor,
+    shard_size: int = 256,
+) -> Tensor:
+    """The official evaluation strategy (``shard_attn_scores`` + ``CrossSparseAggrNet_v2.forward``): a Python
+    loop over captions, each scored against a shard of up to 256 images at once (sort, gather, MLP on the
+    kept patches). A benchmark baseline; same numbers as :func:`score_matrix`."""
+    out = torch.empty(len(images), len(captions), dtype=torch.float32)
+    dim = images.dim
+    with torch.no_grad():
+        for i0 in range(0, len(images), shard_size):
+            shard = images.select(slice(i0, min(i0 + shard_size, len(images))))
+            patches, patches_norm = shard.patches, shard.patches_norm.double()
+            for t in range(len(captions)):
+                n_words = int(captions.lengths[t])
+                words = captions.words_norm[t, :n_words]
+                score_st = patches_norm @ captions.global_norm[t].double()  # [B, N]
+                score = shard.self_score + score_st
+                order = torch.sort(score, dim=1, descending=True).indices
+                kept, dropped = order[:, :keep_k], order[:, keep_k:]
+                selected = torch.gather(patches, 1, kept[..., None].expand(-1, -1, dim))
+                weights = (aggr_mlp(selected).transpose(1, 2) * aggr_scale).softmax(dim=-1)
+                tokens = [torch.bmm(weights, selected)]
+                fuse = torch.gather(score, 1, dropped).to(patches.dtype).softmax(dim=-1)
+                rest = torch.gather(patches, 1, dropped[..., None].expand(-1, -1, dim))
+                tokens.append((rest * fuse[..., None]).sum(dim=1, keepdim=True))
+                if shard.cls is not None:
+                    tokens.insert(0, shard.cls[:, None])
+                tokens = F.normalize(torch.cat(tokens, dim=1), dim=-1)  # [B, V, C]
+                sims = F.leaky_relu(torch.matmul(words, tokens.transpose(1, 2)), negative_slope=LEAKY_RELU_SLOPE)
+                out[i0:i0 + len(shard), t] = sims.amax(dim=2).mean(dim=1) + sims.amax(dim=1).mean(dim=1)
+    return out
