@@ -40,15 +40,15 @@ OFFICIAL: Config = {
               "text": {}},
     "lr": 2e-4, "weight_decay": 1e-4, "backbone_lr_factor": 0.1, "decay_epochs": [9, 15, 20, 25],
     "decay_rate": 0.3, "margin": 0.2, "ratio_weight": 2.0, "vse_mean_warmup_epochs": 1,
-    "embedding_warmup_epochs": 0, "size_augment": True, "export_fp16": False,
+    "embedding_warmup_epochs": 0, "size_augment": True, "export_fp16": False, "epoch_samples": None,
 }
 
 # Small ViT (64x64 input, 8x8 patches -> 64 tokens, width 96, 3 layers) and BERT (width 32, 2 layers), from
 # random weights (the released model starts from ImageNet-21k ViT and BERT-base), so a larger lr.
 DEMO: Config = {
     **OFFICIAL,
-    "dataset": "synth", "epochs": 8, "batch_size": 32, "log_every": 10, "lr": 1e-3, "backbone_lr_factor": 1.0,
-    "decay_epochs": [6], "model": {
+    "dataset": "synth", "epochs": 5, "epoch_samples": 3200, "batch_size": 32, "log_every": 10, "lr": 1e-3,
+    "backbone_lr_factor": 1.0, "decay_epochs": [4], "model": {
         "backbone": "vit", "embed_size": 64, "sparse_ratio": 0.5, "aggr_ratio": 0.4,
         "vision": {"image_size": 64, "patch_size": 8, "hidden_size": 96, "num_hidden_layers": 3,
                    "num_attention_heads": 2, "intermediate_size": 192},
@@ -58,7 +58,7 @@ DEMO: Config = {
 }
 
 TINY: Config = {
-    **DEMO, "epochs": 1, "batch_size": 8, "lr": 3e-3, "decay_epochs": [],
+    **DEMO, "epochs": 1, "epoch_samples": None, "batch_size": 8, "lr": 3e-3, "decay_epochs": [],
     "model": {**DEMO["model"], "embed_size": 24,
               "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
                          "num_attention_heads": 2, "intermediate_size": 64},

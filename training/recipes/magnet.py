@@ -44,6 +44,7 @@ OFFICIAL: Config = {
     "lr": 5e-5, "weight_decay": 0.01, "poly_power": 0.9,
     "bce_weight": 2.0, "dice_weight": 2.0, "grounding_weight": 0.0, "cal_weight": 0.0, "cal_tau1": 0.1,
     "cal_tau2": 0.1, "mask_prob": 0.15, "mask_token_prob": 0.9, "grounding_layers": 2, "export_fp16": False,
+    "epoch_samples": None,
 }
 PAPER: Config = {**OFFICIAL, "grounding_weight": 1.0, "cal_weight": 0.1}
 
@@ -56,9 +57,11 @@ SMALL_MODEL: dict[str, Any] = {
 # The Swin-B / BERT-base graph shrunk (Swin width 16, one block per stage, BERT width 32, 1 BERT layer per
 # stage, 3 decoder layers) at 96 px, from random weights (the release starts from ImageNet-22k Swin and
 # BERT), so a larger lr.
-DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 8, "batch_size": 16, "log_every": 10, "lr": 1e-3,
+DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 3, "epoch_samples": 2400, "batch_size": 16,
+                "log_every": 10, "lr": 1e-3,
                 "model": SMALL_MODEL, "export_fp16": True}
-TINY: Config = {**DEMO, "epochs": 1, "batch_size": 4, "lr": 2e-3, "grounding_weight": 1.0, "cal_weight": 0.1,
+TINY: Config = {**DEMO, "epochs": 1, "epoch_samples": None, "batch_size": 4, "lr": 2e-3, "grounding_weight": 1.0,
+                "cal_weight": 0.1,
                 "model": {**SMALL_MODEL, "img_size": 64, "decoder_layers": 1}}
 
 
