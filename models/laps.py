@@ -283,7 +283,11 @@ class TokenAggregation(nn.Module):
 
 
 class PatchSignificanceNet(nn.Module):
-    """Paper variant only: the score-aware prediction network s^p_k = sigmoid(MLP(v_k)) (paper Eq. 1)."""
+    """Paper variant only: the significance-score network ``s^p_k = sigmoid(MLP(v_k))`` per patch.
+
+    From the paper's "Significance Score Estimation" (the released code has none; research notes 2.6, where the
+    paper text itself is marked unverified). Its parameters exist only when ``selection == "paper"``.
+    """
 
     def __init__(self, dim: int, dim_ratio: float = 0.25):
         super().__init__()
