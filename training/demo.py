@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import sys
 import time
@@ -71,18 +72,49 @@ def ensure_data(root: Path | None, seed: int = DEMO_SEED, size: str = DEMO_SIZE,
     return root
 
 
+def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int, time_scale: float
+               ) -> tuple[str, dict[str, Any], dict[str, float]]:
+    """Train one demo model from scratch, copy its checkpoint to ``out`` and evaluate it on the held-out split.
+    Returns (method, manifest entry, metrics)."""
+    from training.evaluate import HEADLINE, evaluate_demo_entry
+
+    torch.set_num_threads(threads)
+    recipe = get_recipe(method)
+    config = recipe.config("demo")
+    run_dir = work / method
+    shutil.rmtree(run_dir, ignore_errors=True)  # from scratch
+    kind = METHOD_DATA[method]
+    result = train(recipe, data_root / kind, run_dir, config, device="cpu", precision="fp32",
+                   time_budget_s=TIME_BUDGET_S[method] * time_scale, progress=True)
+    target = out / f"{method}.pth"
+    shutil.copyfile(result.export_path, target)
+    metrics = evaluate_demo_entry(method, target, data_root)
+    name, chance = HEADLINE[method]
+    entry = {
+        "file": target.name, "source": "demo", "config": "demo", "data": f"{kind}: {data_versions(data_root)[kind]}",
+        "train": {"epochs": result.epoch, "steps": result.step, "seconds": round(result.seconds, 1),
+                  "planned_epochs": config["epochs"], "last_losses": result.last_losses},
+        "metric": name, "value": round(metrics[name], 2), "chance": round(metrics[chance], 2),
+        "metrics": {k: round(v, 2) for k, v in metrics.items()},
+        "size_bytes": target.stat().st_size,
+    }
+    print(f"[demo] {method}: {name} {metrics[name]:.2f} (chance {metrics[chance]:.2f}), "
+          f"{result.step} steps in {result.seconds:.0f}s", file=sys.stderr)
+    return method, entry, metrics
+
+
 def main(argv: list[str] | None = None) -> int:
-    from training.evaluate import HEADLINE, evaluate_demo_entry, print_demo_table
+    from training.evaluate import print_demo_table
 
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("weights/demo"))
     parser.add_argument("--data", type=Path, help="synthetic data root (default: a cache folder in $HOME)")
     parser.add_argument("--work", type=Path, help="training state folder (default: next to the data)")
     parser.add_argument("--methods", nargs="*", default=list(METHOD_DATA), choices=list(METHOD_DATA))
-    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every time budget")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every time cap")
+    parser.add_argument("--jobs", type=int, default=2, help="methods trained at once (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data_root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
     versions = data_versions(data_root)
@@ -90,40 +122,41 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "manifest.json"
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    command = "python -m training.demo --out weights/demo"
+    extra = [f"--{k} {v}" for k, v in (("jobs", args.jobs), ("threads", args.threads)) if v != parser.get_default(k)]
     manifest.update({
-        "command": "python -m training.demo --out weights/demo",
+        "command": " ".join([command, *extra]),
         "evaluate": "python -m training.evaluate demo",
         "seed": DEMO_SEED, "data_size": DEMO_SIZE, "data_versions": versions, "split": "test (held-out combinations)",
         "note": "small configurations of the official architectures trained from random weights on synthetic "
                 "data; for trying the service, not for real images",
     })
     manifest.setdefault("models", {})
-    results = {}
-    for method in args.methods:
-        recipe = get_recipe(method)
-        config = recipe.config("demo")
-        run_dir = work / method
-        shutil.rmtree(run_dir, ignore_errors=True)  # from scratch
-        kind = METHOD_DATA[method]
-        result = train(recipe, data_root / kind, run_dir, config, device="cpu", precision="fp32",
-                       time_budget_s=TIME_BUDGET_S[method] * args.time_scale, progress=True)
-        target = args.out / f"{method}.pth"
-        shutil.copyfile(result.export_path, target)
-        metrics = evaluate_demo_entry(method, target, data_root)
+    results: dict[str, dict[str, float]] = {}
+
+    def record(method: str, entry: dict[str, Any], metrics: dict[str, float]) -> None:
         results[method] = metrics
-        name, chance = HEADLINE[method]
-        manifest["models"][method] = {
-            "file": target.name, "source": "demo", "config": "demo", "data": f"{kind}: {versions[kind]}",
-            "train": {"epochs": result.epoch, "steps": result.step, "seconds": round(result.seconds, 1),
-                      "planned_epochs": config["epochs"], "last_losses": result.last_losses},
-            "metric": name, "value": round(metrics[name], 2), "chance": round(metrics[chance], 2),
-            "metrics": {k: round(v, 2) for k, v in metrics.items()},
-            "size_bytes": target.stat().st_size,
-        }
+        manifest["models"][method] = entry
         manifest["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-        print(f"[demo] {method}: {name} {metrics[name]:.2f} (chance {metrics[chance]:.2f}), "
-              f"{result.step} steps in {result.seconds:.0f}s", file=sys.stderr)
+
+    jobs = [(m, data_root, work, args.out, args.threads, args.time_scale) for m in args.methods]
+    if args.jobs <= 1:
+        for job in jobs:
+            record(*run_method(*job))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(args.jobs, maxtasksperchild=1) as pool:
+            pending = {job[0]: pool.apply_async(run_method, job) for job in jobs}
+            failed = []
+            for method, handle in pending.items():
+                try:
+                    record(*handle.get())
+                except Exception as exc:  # noqa: BLE001 - one failed method must not lose the others
+                    print(f"[demo] {method} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    failed.append(method)
+            if failed:
+                raise SystemExit(f"demo training failed for {failed}")
     print_demo_table(results)
     print(f"total {time.perf_counter() - started:.0f}s", file=sys.stderr)
     return 0
