@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -647,29 +646,23 @@ class LapsSearchModel:
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         return self.image_vectors(self.image_states(images))
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return self.caption_vectors(self.caption_states(texts))
-
-    # -- storage of image states (the service keeps one blob per gallery image for the exact stage)
-    def image_state_bytes(self, images: Sequence[Image.Image]) -> list[bytes]:
-        """One float32 ``.npz`` blob per image holding the text-independent state (derived parts recomputed)."""
+    def encode_images_with_states(self, images: list[Image.Image]) -> tuple[np.ndarray, list[bytes]]:
+        """Candidate vectors and stored-state blobs from one backbone pass (adding images to a gallery)."""
         states = self.image_states(images)
-        blobs = []
-        for i in range(len(states)):
-            one = states.select([i])
-            arrays = {"patches": one.patches, "aggr_logits": one.aggr_logits, "cls": one.cls,
-                      "patch_prior": one.patch_prior}
-            buffer = io.BytesIO()
-            np.savez(buffer, **{k: v.float().numpy() for k, v in arrays.items() if v is not None})
-            blobs.append(buffer.getvalue())
-        return blobs
+        return self.image_vectors(states), [states.to_bytes(i) for i in range(len(states))]
+
+    def image_state_bytes(self, images: list[Image.Image]) -> list[bytes]:
+        """One blob per image (:meth:`LapsImageState.to_bytes`): what the service stores for exact re-scoring."""
+        states = self.image_states(images)
+        return [states.to_bytes(i) for i in range(len(states))]
 
     @staticmethod
-    def state_from_bytes(blob: bytes) -> LapsImageState:
-        with np.load(io.BytesIO(blob)) as arrays:
-            tensors = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
-        return LapsImageState(patches=tensors["patches"], cls=tensors.get("cls"),
-                              aggr_logits=tensors["aggr_logits"], patch_prior=tensors.get("patch_prior"))
+    def state_from_bytes(blob: bytes | Sequence[bytes]) -> LapsImageState:
+        """A blob (or several) from :meth:`image_state_bytes` back into a batched state."""
+        return LapsImageState.from_bytes(blob)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self.caption_vectors(self.caption_states(texts))
 
     def exact_scores(self, image_states: LapsImageState, caption_states: LapsCaptionState,
                      **kwargs: Any) -> np.ndarray:

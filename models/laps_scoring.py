@@ -192,8 +192,9 @@ class LapsImageState:
         items = []
         for blob in blobs:
             with np.load(io.BytesIO(blob)) as data:
-                version = int(data["format_version"][0]) if "format_version" in data else -1
-                if version != STATE_FORMAT_VERSION:
+                # blobs written before the version entry existed hold the same arrays (version 1)
+                version = int(data["format_version"][0]) if "format_version" in data else 1
+                if version != STATE_FORMAT_VERSION or "patches" not in data or "aggr_logits" not in data:
                     raise ValueError(f"unsupported LAPS image state format {version}")
                 items.append({k: data[k] for k in data.files if k != "format_version"})
         return LapsImageState.from_arrays(items)

@@ -4,6 +4,7 @@ every backbone weight, adapter surface, metrics, evaluation CLI. Small configs e
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
@@ -156,6 +157,10 @@ def test_image_state_bytes_round_trip() -> None:
     assert torch.equal(score_matrix(restored, captions, 8), score_matrix(images, captions, 8))
     with pytest.raises(ValueError):
         LapsImageState.from_bytes(b"not a state")
+    # a blob without the version entry (the service's first format) holds the same arrays and still loads
+    legacy = io.BytesIO()
+    np.savez(legacy, **images.to_arrays(0))
+    assert torch.equal(LapsImageState.from_bytes(legacy.getvalue()).patches, images.patches[:1])
 
 
 # --------------------------------------------------------------------------------------------- paper variant
@@ -304,7 +309,11 @@ def test_search_adapter_surface() -> None:
     img_states = search.image_states(images)
     cap_states = search.caption_states(CAPTIONS + [" ".join(["word"] * 100)])
     assert int(cap_states.lengths[-1]) == 90
-    scores = search.exact_scores(LapsImageState.from_bytes([img_states.to_bytes(i) for i in range(4)]), cap_states)
+    blobs = search.image_state_bytes(images)
+    stored = LapsImageState.cat([search.state_from_bytes(b) for b in blobs])
+    scores = search.exact_scores(stored, cap_states)
+    vectors_again, blobs_again = search.encode_images_with_states(images)
+    assert np.array_equal(vectors_again, vectors) and blobs_again == blobs
     agg = search.model.cross_net.aggr_net
     loop = score_matrix_reference(img_states, cap_states, search.config.keep_k, agg.weight, agg.scale)
     assert scores.shape == (4, 5) and np.allclose(scores, loop.numpy(), atol=1e-5)
