@@ -3,6 +3,7 @@ loads in the service adapter."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,73 @@ def test_exported_checkpoint_loads_in_the_service_adapter(method: str, data_root
         assert len(model.ground(image, ["the red circle"])[0]["box_xyxy"]) == 4
     else:
         assert model.segment(image, ["the red circle"])[0].shape == (96, 48)
+
+
+# ---------------------------------------------------------------------------------------- official defaults
+
+
+def test_irra_schedule_matches_the_official_table() -> None:
+    """LRSchedulerWithWarmup (cosine, 5 warm-up epochs from 0.1, 60 epochs), research notes table."""
+    recipe = get_recipe("irra")
+    factor = recipe.lr_multiplier(recipe.config("official"), steps_per_epoch=1)
+    expected = {1: 0.10, 2: 0.28, 3: 0.46, 5: 0.82, 6: 1.0, 20: 0.848, 30: 0.599, 40: 0.319, 50: 0.095, 60: 0.0008}
+    for epoch, value in expected.items():
+        assert factor(epoch - 1) == pytest.approx(value, abs=6e-4), epoch
+
+
+def test_irra_parameter_groups_follow_solver_build() -> None:
+    recipe = get_recipe("irra")
+    config = recipe.config("tiny")
+    config["model"]["num_classes"] = 5
+    model = recipe.build_model(config)
+    settings = {}
+    for group in recipe.param_groups(model, config):
+        for name in group["param_names"]:
+            settings[name] = (group["lr"], group["weight_decay"])
+    base, wd = config["lr"], config["weight_decay"]
+    assert settings["base_model.visual.conv1.weight"] == (base, wd)
+    assert settings["cross_attn.in_proj_weight"] == (5 * base, wd)  # "cross": x5
+    assert settings["cross_attn.in_proj_bias"] == (2 * base, 0.0)  # "bias" overrides "cross"
+    assert settings["classifier.weight"] == (5 * base, wd)
+    assert settings["mlm_head.fc.bias"] == (5 * base, 0.0)  # lr x5 again, weight decay stays 0
+    assert settings["ln_pre_t.weight"] == (base, wd)  # no "cross" in the name
+    optimizer = recipe.optimizer(recipe.param_groups(model, config), config)
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["eps"] == 1e-3
+
+
+def test_ivt_schedule_and_groups() -> None:
+    recipe = get_recipe("ivt")
+    config = recipe.config("official")
+    factor = recipe.lr_multiplier(config, steps_per_epoch=1)
+    assert factor(0) * config["lr"] == pytest.approx(5e-5)  # warmup_lr_init = 0.01 x base
+    assert factor(5) == pytest.approx(0.002 + 0.998 * 0.5 * (1 + math.cos(math.pi * 5 / 120)))
+    assert factor(120) == pytest.approx(0.002)
+    tiny = recipe.config("tiny")
+    tiny["optimizer"] = "sgd"
+    model = recipe.build_model(tiny)
+    groups = recipe.param_groups(model, tiny)
+    bias_group = next(g for g in groups if all("bias" in n for n in g["param_names"]))
+    assert bias_group["lr"] == 2 * tiny["lr"] and bias_group["weight_decay"] == tiny["weight_decay"]
+    assert isinstance(recipe.optimizer(groups, tiny), torch.optim.SGD)
+
+
+def test_laps_hinge_uses_all_negatives_with_warmup_then_the_hardest() -> None:
+    recipe = get_recipe("laps")
+    config = recipe.config("tiny")
+    model = recipe.build_model(config).train()
+    torch.manual_seed(0)
+    batch = {"images": torch.randn(4, 3, 32, 32), "input_ids": torch.randint(1000, 2000, (4, 7)),
+             "lengths": torch.full((4,), 7), "img_ids": torch.tensor([0, 0, 1, 2])}
+    batch["input_ids"][:, 0] = 101
+
+    def losses(epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        ctx = StepContext(epoch, 0, step_in_epoch, 10, config, torch.device("cpu"))
+        with torch.no_grad():
+            return recipe.loss(model, batch, ctx)
+
+    first, middle, later = losses(0, 0), losses(0, 5), losses(1, 5)
+    assert float(first["align_loss"]) == 0.0  # warm-up alpha = 0 / n_batch
+    assert not bool(middle["hardest_negative"]) and bool(later["hardest_negative"])
+    assert float(middle["align_loss"]) > 0
+    assert float(later["align_loss"]) <= 2 * float(middle["align_loss"])  # hardest-only <= sum of all (x alpha)

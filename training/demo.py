@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = args.out / "manifest.json"
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     command = "python -m training.demo --out weights/demo"
-    extra = [f"--{k} {v}" for k, v in (("jobs", args.jobs), ("threads", args.threads)) if v != parser.get_default(k)]
+    extra = [f"--{k.replace('_', '-')} {v}" for k, v in (("jobs", args.jobs), ("threads", args.threads),
+                                                           ("time_scale", args.time_scale))
+             if v != parser.get_default(k)]
     manifest.update({
         "command": " ".join([command, *extra]),
         "evaluate": "python -m training.evaluate demo",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train(recipe, args.data, args.out, config, epochs=args.epochs, max_steps=args.max_steps,
                    resume=args.resume, device=args.device, precision=args.precision, seed=args.seed,
                    progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(json.dumps({"method": args.method, "epochs": result.epoch, "steps": result.step,
                       "checkpoint": str(result.export_path), "last_losses": result.last_losses,
                       "seconds": round(result.seconds, 1)}))

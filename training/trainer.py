@@ -74,6 +74,7 @@ class Recipe:
     name: str = ""
     schedule_unit: str = "epoch"  # "epoch": the multiplier is stepped once per epoch; "step": once per step
     export_name: str = "model.pth"
+    ddp_find_unused_parameters: bool = True  # parameters outside the loss (unused heads) need it under DDP
     configs: dict[str, Config] = {}
 
     # -- configuration
@@ -359,7 +360,8 @@ def train(
     train_step: nn.Module = TrainStep(recipe, model)
     if dist_info.enabled:
         train_step = nn.parallel.DistributedDataParallel(
-            train_step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            train_step, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=recipe.ddp_find_unused_parameters)
 
     def save(reason: str) -> None:
         rng_states: list[Any] = [rng_state()]

@@ -69,6 +69,7 @@ class IRRARecipe(Recipe):
     name = "irra"
     schedule_unit = "epoch"
     export_name = "irra.pth"
+    ddp_find_unused_parameters = False  # every parameter is in SDM + ID + MLM
     configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
 
     def model_config(self, config: Config) -> IRRAConfig:
