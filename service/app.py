@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = CollectionStore(settings.data_dir, settings.snapshot_every, settings.hnsw_threshold)
+        store = CollectionStore(settings.data_dir, settings.snapshot_every, settings.ivf_threshold)
         model_registry = registry or ModelRegistry(settings)
         cache = EmbeddingCache(settings.redis_url, settings.text_cache_size)
         app.state.vls = AppState(settings, store, model_registry, cache)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
-    store = CollectionStore(settings.data_dir, settings.snapshot_every, settings.hnsw_threshold)
+    store = CollectionStore(settings.data_dir, settings.snapshot_every, settings.ivf_threshold)
     try:
         if args.command == "list":
             print(json.dumps([store.stats(c.name) for c in store.list()], indent=2))

@@ -25,9 +25,10 @@ faiss.cvar.distance_compute_blas_threshold = 20
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 
-def choose_kind(n: int, hnsw_threshold: int = 200_000) -> str:
-    """Exact flat search while it stays fast; IVF above the threshold (trains in seconds, exact scores)."""
-    return "flat" if n < hnsw_threshold else "ivf"
+def choose_kind(n: int, ivf_threshold: int = 50_000) -> str:
+    """Exact flat search while it stays fast; IVF-Flat from the threshold on: at 100k vectors one query
+    takes ~0.5 ms at recall@10 1.000 against ~20-70 ms for the flat scan (benchmarks/search_bench.py)."""
+    return "flat" if n < ivf_threshold else "ivf"
 
 
 class VectorIndex:

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, gt=0, description="micro-batcher: pending requests before 503")
     text_cache_size: int = Field(10_000, ge=0, description="in-process text-embedding cache entries")
     snapshot_every: int = Field(1000, gt=0, description="write a FAISS snapshot after this many changes")
-    hnsw_threshold: int = Field(200_000, gt=0, description="collections larger than this use HNSW + re-rank")
+    ivf_threshold: int = Field(
+        50_000, gt=0, description="collections at least this large are indexed IVF-Flat (exact scores of the probed "
+        "cells) when their index is built; smaller ones exact flat")
     warmup: bool = True
 
     def method_list(self) -> list[str]:

@@ -90,11 +90,11 @@ class Collection:
 class CollectionStore:
     """All collections of one data directory."""
 
-    def __init__(self, data_dir: Path, snapshot_every: int = 1000, hnsw_threshold: int = 200_000):
+    def __init__(self, data_dir: Path, snapshot_every: int = 1000, ivf_threshold: int = 50_000):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.snapshot_every = snapshot_every
-        self.hnsw_threshold = hnsw_threshold
+        self.ivf_threshold = ivf_threshold
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.data_dir / "catalog.sqlite3", check_same_thread=False,
                                    isolation_level=None)
@@ -372,7 +372,7 @@ class CollectionStore:
         ids, vectors = self.vectors(name, method)
         if not len(ids):
             return None
-        index = VectorIndex(vectors.shape[1], choose_kind(len(ids), self.hnsw_threshold))
+        index = VectorIndex(vectors.shape[1], choose_kind(len(ids), self.ivf_threshold))
         index.add(ids, vectors)
         return index
 
