@@ -407,11 +407,13 @@ def checkpoint_filter_fn(checkpoint: Any) -> dict[str, torch.Tensor]:
     return strip_prefix(state_dict, "module.")
 
 
-def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] = IMAGE_SIZE) -> IVT:
+def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] | None = None) -> IVT:
     """Build an ``IVT`` sized from an official file and load it strictly.
 
     The file is read with ``torch.load(weights_only=True)`` and an explicit allow-list (the official
     ``best_acc`` is a numpy float64); legacy non-zip files, as the official ``save_checkpoint`` writes, work.
+    ``image_size`` (H, W) defaults to the file's own ``image_size`` entry (our training recipe writes one;
+    official files have none) and then to the official 384x128.
     """
     path = Path(path)
     try:
@@ -419,6 +421,9 @@ def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] = IMAGE_SI
     except ValueError as exc:
         raise IVTCheckpointError(f"{path.name} is not a readable IVT checkpoint: {exc}") from exc
     state_dict = checkpoint_filter_fn(checkpoint)
+    if image_size is None:
+        stored = checkpoint.get("image_size") if isinstance(checkpoint, Mapping) else None
+        image_size = (int(stored[0]), int(stored[1])) if stored is not None else IMAGE_SIZE
     if isinstance(checkpoint, Mapping) and "image_size" in checkpoint:  # files of training.train (not official)
         image_size = tuple(int(v) for v in checkpoint["image_size"])  # type: ignore[assignment]
     try:
@@ -501,10 +506,12 @@ class IVTRetrievalModel:
         path: str | Path,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
-        image_size: tuple[int, int] = IMAGE_SIZE,
+        image_size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> IVTRetrievalModel:
-        """Load an official (or our own) IVT file; ``version`` = stride + the file's content hash."""
+        """Load an official (or our own) IVT file; ``version`` = stride + the file's content hash.
+
+        ``image_size`` as in ``load_ivt_checkpoint`` (the file's own entry, else 384x128)."""
         model = load_ivt_checkpoint(path, image_size)
         version = f"ivt-s{model.config.stride}-{file_version(path)}"
         return cls(model, version, device, precision, **kwargs)

@@ -213,6 +213,12 @@ def test_retrieval_adapter_contract_and_precisions(tmp_path: Path) -> None:
     reloaded = IVTRetrievalModel.from_checkpoint(path, image_size=SMALL_IMAGE)
     assert reloaded.version.startswith("ivt-s12-") and reloaded.version != adapter.version
     assert np.allclose(reloaded.encode_images(images), image_feats, atol=1e-6)  # other batch split
+    ours = tmp_path / "ours.pth"  # our recipe's export: official layout plus the image size, fp16 weights
+    half = {k: v.half() if v.is_floating_point() else v for k, v in adapter.model.state_dict().items()}
+    torch.save({"state_dict": half, "epoch": 3, "image_size": list(SMALL_IMAGE)}, ours)
+    from_file = IVTRetrievalModel.from_checkpoint(ours)
+    assert from_file.config.image_size == SMALL_IMAGE
+    assert np.allclose(from_file.encode_images(images), image_feats, atol=2e-2)
 
 
 def test_official_metrics_paired_gallery() -> None:
