@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(method: str, entry: dict[str, Any], metrics: dict[str, float]) -> None:
         results[method] = metrics
-        manifest["models"][method] = entry
+        manifest["models"][method] = {**entry, "command": manifest["command"] + " --methods " + " ".join(args.methods)
+                                      if set(args.methods) != set(METHOD_DATA) else manifest["command"]}
         manifest["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -37,7 +37,7 @@ OFFICIAL: Config = {
 # Small ViLT graph (width 32, 4 layers, 16x16 patches, pyramid 32/64/128 -> 2x2, 4x4, 8x8) from random weights.
 DEMO: Config = {
     **OFFICIAL,
-    "dataset": "refsynth", "epochs": 3, "batch_size": 32, "log_every": 10, "clip_grad_norm": 1.0, "lr": 5e-4,
+    "dataset": "refsynth", "epochs": 6, "batch_size": 32, "log_every": 10, "clip_grad_norm": 1.0, "lr": 1e-3,
     "backbone_lr_factor": 1.0, "warmup_fraction": 0.05,
     "multi_scale": False,  # VG-LAW's sizes S + 32k (k = -4..4) assume S = 512; at 128 they reach 0
     "model": ScanFormerConfig.small(vilt=ViltConfig.small(patch_size=16, hidden_size=32, num_heads=2)).to_dict(),
