@@ -179,7 +179,7 @@ def test_ivt_schedule_and_groups() -> None:
 
 def test_laps_hinge_uses_all_negatives_with_warmup_then_the_hardest() -> None:
     recipe = get_recipe("laps")
-    config = recipe.config("tiny")
+    config = recipe.config("tiny", vse_mean_warmup_epochs=recipe.config("official")["vse_mean_warmup_epochs"])
     model = recipe.build_model(config).train()
     torch.manual_seed(0)
     batch = {"images": torch.randn(4, 3, 32, 32), "input_ids": torch.randint(1000, 2000, (4, 7)),

@@ -48,7 +48,9 @@ OFFICIAL: Config = {
 DEMO: Config = {
     **OFFICIAL,
     "dataset": "synth", "epochs": 5, "epoch_samples": 3200, "batch_size": 32, "log_every": 10, "lr": 1e-3,
-    "backbone_lr_factor": 1.0, "decay_epochs": [4], "model": {
+    "backbone_lr_factor": 1.0, "decay_epochs": [4],
+    "vse_mean_warmup_epochs": 5,  # from random weights the hardest-negative hinge collapses (all scores equal)
+    "model": {
         "backbone": "vit", "embed_size": 64, "sparse_ratio": 0.5, "aggr_ratio": 0.4,
         "vision": {"image_size": 64, "patch_size": 8, "hidden_size": 96, "num_hidden_layers": 3,
                    "num_attention_heads": 2, "intermediate_size": 192},
