@@ -17,7 +17,8 @@ synchronisation, which costs whole scheduler slices when the machine is busy). A
 official evaluation strategy (``score_matrix_per_caption``: a loop over captions, each against a 256-image
 shard at once), on min(images, 256) x ``--official-captions``. The script prints the rates (pairs/s), the
 ratios, the largest score differences, and peak memory: the scorer's working-set increase over the stored states
-(peak RSS minus RSS before scoring on CPU; ``max_memory_allocated`` on CUDA) next to the states' own size.
+(peak RSS during scoring, reset through ``/proc/self/clear_refs``, minus RSS before; ``max_memory_allocated``
+on CUDA) next to the states' own size. The scorer's blocks are sized to stay under 256 MiB.
 """
 
 from __future__ import annotations
@@ -76,6 +77,24 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5), so VmHWM covers the scoring only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _state_bytes(inputs: SyntheticInputs) -> int:
     img, cap = inputs.images, inputs.captions
     tensors = [img.patches, img.patches_norm, img.aggr_logits, img.self_score, cap.words_norm, cap.global_norm]
@@ -91,6 +110,8 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
     scores = torch.empty(num_img, num_cap, dtype=torch.float32, device=device)
     loop_pairs: list[tuple[int, int, float]] = []
     vec_time = loop_time = 0.0
+    vec_rates: list[float] = []  # per image chunk, for medians
+    loop_rates: list[float] = []
     # warm-up of all three paths: first-call allocations, thread pools, and the one-off kernel set-up of every
     # new matrix shape (10-40 ms each on CPU), i.e. one caption of every length for the loops
     score_matrix(inputs.images.select(slice(0, 2)), inputs.captions.select(slice(0, 64)), inputs.keep_k)
@@ -104,10 +125,14 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
                                  inputs.aggr.scale)
     score_matrix_per_caption(official_images, inputs.captions.select(one_per_length), inputs.keep_k,
                              inputs.aggr.weight, inputs.aggr.scale)
+    cuda_before = 0
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
     rss_before = _rss_bytes()
+    if not _reset_peak_rss():
+        print("  (cannot reset the peak-RSS mark: the peak below may include input generation)")
     for i0 in range(0, num_img, chunk):
         block = inputs.images.select(slice(i0, min(i0 + chunk, num_img)))
         start = time.perf_counter()
@@ -115,6 +140,7 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
         if device == "cuda":
             torch.cuda.synchronize()
         vec_time += time.perf_counter() - start
+        vec_rates.append(len(block) * num_cap / (time.perf_counter() - start))
         # the loop on a few pairs of this chunk, under the same load; the first calls after the big block pay
         # for the allocator re-mapping the memory the block freed (page faults), so 5 untimed calls go first
         i = int(rng.integers(i0, i0 + len(block)))
@@ -135,14 +161,15 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
         if device == "cuda":
             torch.cuda.synchronize()
         loop_time += time.perf_counter() - start
+        loop_rates.append(args.loop_pairs_per_chunk / (time.perf_counter() - start))
         torch.set_num_threads(threads)
         done = min(i0 + chunk, num_img)
         print(f"  {backbone}: {done}/{num_img} images, vectorised {done * num_cap / vec_time:,.0f} pairs/s, "
               f"loop {len(loop_pairs) / loop_time:,.1f} pairs/s", flush=True)
     if device == "cuda":
-        peak_extra = torch.cuda.max_memory_allocated()
+        peak_extra = torch.cuda.max_memory_allocated() - cuda_before
     else:
-        peak_extra = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
+        peak_extra = max(0, _peak_rss_bytes() - rss_before)
     # the official strategy (per-caption loop over a 256-image shard) on a subset, after the main run
     start = time.perf_counter()
     official = score_matrix_per_caption(official_images, official_captions, inputs.keep_k, inputs.aggr.weight,
@@ -161,6 +188,7 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
         "state_mib": _state_bytes(inputs) / 2**20,
         "official_pairs": official.numel(), "official_rate": official.numel() / official_time,
         "official_diff": official_diff,
+        "vec_median": float(np.median(vec_rates)), "loop_median": float(np.median(loop_rates)),
     }
 
 
@@ -191,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{backbone} | {r['pairs']:,} | {r['vec_rate']:,.0f} ({r['vec_seconds']:.0f} s) | "
               f"{r['loop_rate']:,.1f} ({r['loop_pairs']}; the full matrix: ~{r['loop_extrapolated_seconds']:,.0f} s)"
               f" | {r['ratio']:.1f}x | {r['max_diff']:.2e} | {r['peak_extra_mib']:.0f} | {r['state_mib']:.0f}")
+    print()
+    print("config | median over image chunks: vectorised pairs/s | loop pairs/s | ratio of medians")
+    for backbone, r in rows:
+        ratio = r["vec_median"] / r["loop_median"]
+        print(f"{backbone} | {r['vec_median']:,.0f} | {r['loop_median']:,.1f} | {ratio:.1f}x")
     print()
     print("config | official strategy (per-caption loop, 256-image shard) pairs/s (pairs) | vectorised / it | "
           "max |diff|")
