@@ -73,7 +73,11 @@ class MicroBatcher:
 
     def run_sync(self, items: list[Any]) -> list[Any]:
         """Encode outside the event loop (CLI, start-up warm-up), on the same worker thread."""
-        return list(self._executor.submit(self.fn, items).result())
+        return list(self.call_on_worker(self.fn, items).result())
+
+    def call_on_worker(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Run another call of the same model on its worker thread, so it never overlaps the batches."""
+        return self._executor.submit(fn, *args)
 
     def close(self) -> None:
         if self._task is not None:

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from service.embedding import gallery_vectors_and_states
 from service.errors import ApiError
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -73,12 +74,11 @@ def build_collection(store: CollectionStore, registry: ModelRegistry, name: str,
                 fmt = Path(record["path"]).suffix.lstrip(".").lower() or "bin"
                 items.append(NewItem(data, fmt, image.width, image.height, record["metadata"], record["key"]))
             for method, entry in entries.items():
-                vectors = entry.batchers["image"].run_sync(images)
-                blobs = entry.model.image_state_bytes(images) if hasattr(entry.model, "image_state_bytes") else None
-                for n, item in enumerate(items):
-                    item.vectors[method] = vectors[n]
-                    if blobs is not None:
-                        item.states[method] = blobs[n]
+                vectors, blobs = gallery_vectors_and_states(entry, images)
+                for item, vector, blob in zip(items, vectors, blobs, strict=True):
+                    item.vectors[method] = vector
+                    if blob is not None:
+                        item.states[method] = blob
             store.add_items(name, items, {m: e.version for m, e in entries.items()})
             added += len(items)
         bar.update(len(chunk))

@@ -24,19 +24,26 @@ async def embed_texts(state: AppState, entry: ModelEntry, texts: list[str]) -> n
     return np.stack(cached).astype(np.float32)
 
 
-async def embed_images(state: AppState, entry: ModelEntry, images: list[Image.Image]) -> np.ndarray:
+async def embed_images(entry: ModelEntry, images: list[Image.Image]) -> np.ndarray:
+    """Query images (no cache: images rarely repeat), through the micro-batcher."""
     return np.stack(await entry.batchers["image"].submit_many(images)).astype(np.float32)
 
 
-def image_states(entry: ModelEntry, images: list[Image.Image]) -> list[bytes | None]:
-    """Text-independent per-image state a method needs for exact re-scoring (LAPS); None for the others."""
-    if hasattr(entry.model, "image_state_bytes"):
-        return list(entry.model.image_state_bytes(images))
-    return [None] * len(images)
+def _vectors_and_states(entry: ModelEntry, images: list[Image.Image]) -> tuple[np.ndarray, list[bytes | None]]:
+    if hasattr(entry.model, "encode_images_with_states"):  # LAPS: one backbone pass gives both
+        vectors, states = entry.model.encode_images_with_states(images)
+        return np.asarray(vectors, np.float32), list(states)
+    return np.asarray(entry.model.encode_images(images), np.float32), [None] * len(images)
 
 
-async def image_states_async(entry: ModelEntry, images: list[Image.Image]) -> list[bytes | None]:
-    if not hasattr(entry.model, "image_state_bytes"):
-        return [None] * len(images)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(entry.batchers["image"]._executor, image_states, entry, images)
+def gallery_vectors_and_states(entry: ModelEntry, images: list[Image.Image]) -> tuple[np.ndarray, list[bytes | None]]:
+    """Index vectors plus the per-image state a method needs for exact re-scoring (LAPS); None for the others.
+    Runs on the model's worker thread, so it never overlaps the micro-batched encodes."""
+    return entry.batchers["image"].call_on_worker(_vectors_and_states, entry, images).result()
+
+
+async def gallery_vectors_and_states_async(entry: ModelEntry,
+                                           images: list[Image.Image]) -> tuple[np.ndarray, list[bytes | None]]:
+    if not hasattr(entry.model, "encode_images_with_states"):
+        return await embed_images(entry, images), [None] * len(images)
+    return await asyncio.wrap_future(entry.batchers["image"].call_on_worker(_vectors_and_states, entry, images))

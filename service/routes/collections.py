@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from service.embedding import embed_images, embed_texts, image_states_async
+from service.embedding import embed_texts, gallery_vectors_and_states_async
 from service.errors import ApiError
 from service.images import decode_base64
 from service.registry import METHODS
@@ -125,8 +125,7 @@ async def add_items(name: str, request: Request, state: AppState = Depends(get_s
         entry = state.registry.get(method, "search")
         versions[method] = entry.version
         if collection.kind == "images":
-            vectors = await embed_images(state, entry, images)
-            states = await image_states_async(entry, images)
+            vectors, states = await gallery_vectors_and_states_async(entry, images)
         else:
             vectors = await embed_texts(state, entry, texts)
             states = [None] * len(texts)
@@ -183,8 +182,7 @@ async def bind_methods(name: str, body: MethodsBind, state: AppState = Depends(g
             if collection.kind == "images":
                 images = [image_from_bytes(state, (state.store.data_dir / found[i]["image_file"]).read_bytes())
                           for i in chunk]
-                vectors = await embed_images(state, entry, images)
-                states = await image_states_async(entry, images)
+                vectors, states = await gallery_vectors_and_states_async(entry, images)
             else:
                 vectors = await embed_texts(state, entry, [found[i]["text"] for i in chunk])
                 states = None

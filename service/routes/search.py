@@ -37,7 +37,7 @@ async def search(body: SearchRequest, state: AppState = Depends(get_state)) -> d
         if not body.image_base64:
             raise ApiError(422, "missing_query", "searching a text collection needs an 'image_base64' query")
         query_image = image_from_bytes(state, decode_base64(body.image_base64))
-        query_vector = await embed_images(state, entry, [query_image])
+        query_vector = await embed_images(entry, [query_image])
 
     exact = hasattr(entry.model, "exact_scores") and hasattr(entry.model, "state_from_bytes")
     fetch = max(body.candidates or DEFAULT_LAPS_CANDIDATES, body.top_k) if exact else body.top_k
