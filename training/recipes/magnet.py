@@ -57,7 +57,7 @@ SMALL_MODEL: dict[str, Any] = {
 # The Swin-B / BERT-base graph shrunk (Swin width 16, one block per stage, BERT width 32, 1 BERT layer per
 # stage, 3 decoder layers) at 96 px, from random weights (the release starts from ImageNet-22k Swin and
 # BERT), so a larger lr.
-DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 3, "epoch_samples": 2400, "batch_size": 16,
+DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 3, "epoch_samples": 3200, "batch_size": 16,
                 "log_every": 10, "lr": 1e-3,
                 "model": SMALL_MODEL, "export_fp16": True}
 TINY: Config = {**DEMO, "epochs": 1, "epoch_samples": None, "batch_size": 4, "lr": 2e-3, "grounding_weight": 1.0,
