@@ -209,8 +209,9 @@ def compare_output(expected_spec: dict[str, Any], case_dir: Path, actual: Any) -
     expected = _expected_value(expected_spec, case_dir)
     if isinstance(actual, torch.Tensor):
         actual = actual.detach().float().cpu().numpy() if actual.is_floating_point() else actual.cpu().numpy()
-    if isinstance(expected, str) or (isinstance(expected, list) and expected and _contains_str(expected)):
-        same = _jsonable(actual) == expected
+    if isinstance(expected, str) or (isinstance(expected, list) and expected and
+                                     (_contains_str(expected) or _is_ragged(expected))):
+        same = _jsonable(actual) == expected  # strings and ragged integer lists compare exactly
         return Checked(same, 0.0 if same else math.inf, "" if same else f"got {_short(actual)}")
     exp_arr = np.asarray(expected)
     act_arr = np.asarray(actual)
@@ -233,6 +234,14 @@ def _contains_str(value: Any) -> bool:
         return True
     if isinstance(value, list):
         return any(_contains_str(v) for v in value)
+    return False
+
+
+def _is_ragged(value: list[Any]) -> bool:
+    try:
+        np.asarray(value)
+    except ValueError:
+        return True
     return False
 
 

@@ -45,6 +45,8 @@ def test_compare_output_tolerances_and_exact_ints(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((2, 2), np.float32))
     assert compare_output({"file": "x.npy", "atol": 1e-6}, tmp_path, torch.ones(2, 2)).passed
     assert compare_output({"value": ["a", "b"]}, tmp_path, ["a", "b"]).passed
+    assert compare_output({"value": [[1, 2], [3]]}, tmp_path, [np.array([1, 2]), [3]]).passed  # ragged
+    assert not compare_output({"value": [[1, 2], [3]]}, tmp_path, [[1, 2], [4]]).passed
 
 
 def test_unknown_method_is_a_failure_not_a_skip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
