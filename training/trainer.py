@@ -437,6 +437,10 @@ def train(
             if not math.isfinite(last_losses["loss"]):
                 raise FloatingPointError(f"{recipe.name}: loss became {last_losses['loss']} at step {step}")
             out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
+            if dist_info.enabled and time_budget_s is not None:  # every rank must stop at the same step
+                flag = torch.tensor([float(out_of_time)], device=device if device.type == "cuda" else "cpu")
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
             if (max_steps is not None and step >= max_steps) or out_of_time:
                 stopped = True
                 break
