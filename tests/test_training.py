@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 METHODS: dict[str, tuple[str, int, float]] = {
     "irra": ("person", 12, 0.9),
     "ivt": ("person", 30, 0.98),  # CMPM from random weights leaves its plateau slowly
-    "laps": ("caption", 25, 0.9),
+    "laps": ("caption", 25, 0.95),
     "scanformer": ("refer", 30, 0.95),
     "magnet": ("refer", 12, 0.9),
 }
@@ -157,8 +157,10 @@ def test_irra_parameter_groups_follow_solver_build() -> None:
     assert settings["classifier.weight"] == (5 * base, wd)
     assert settings["mlm_head.fc.bias"] == (5 * base, 0.0)  # lr x5 again, weight decay stays 0
     assert settings["ln_pre_t.weight"] == (base, wd)  # no "cross" in the name
-    optimizer = recipe.optimizer(recipe.param_groups(model, config), config)
+    official = recipe.config("official")
+    optimizer = recipe.optimizer(recipe.param_groups(model, official), official)
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["eps"] == 1e-3
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.param_groups[0]["lr"] == 1e-5
 
 
 def test_ivt_schedule_and_groups() -> None:
