@@ -52,8 +52,8 @@ OFFICIAL: Config = {
 # it collapses or crawls within a few hundred steps, so the demo uses Adam (same groups, same schedule shape).
 DEMO: Config = {
     **OFFICIAL,
-    "epochs": 7, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
-    "cosine_epochs": 7,
+    "epochs": 5, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
+    "cosine_epochs": 5,
     "model": {"image_size": [96, 32], "patch_size": 16, "stride": 16, "embed_dim": 64, "depth": 4,
               "num_heads": 1, "mlp_hidden_dim": 256, "drop_path_rate": 0.1, "text_dropout": 0.1,
               "max_position_embeddings": 64},
