@@ -1,5 +1,6 @@
-"""Person-search benchmark (IRRA): text encoding fp32 vs bf16, FAISS index kinds against exact search at
-100k and 1M vectors, and end-to-end ``/search`` latency over HTTP on a 100k gallery.
+"""Person-search benchmark: IRRA text encoding fp32 vs bf16, per-image encoding of IRRA and IVT (stride 12
+and 16), FAISS index kinds against exact search at 100k and 1M vectors, and end-to-end ``/search`` latency
+over HTTP on a 100k gallery.
 
     python -m benchmarks.search_bench            # everything (about 10 minutes on 2 cores)
     python -m benchmarks.search_bench --quick    # 20k/100k vectors, fewer repeats
@@ -66,6 +67,31 @@ def bench_text_encoding(repeats: int) -> None:
         print(f"batch {batch:3d}: fp32 {row['fp32']:8.1f} ms   bf16 {row['bf16']:8.1f} ms   "
               f"speed-up x{row['fp32'] / row['bf16']:.2f}")
     print(f"min cosine(fp32, bf16) over {len(captions)} captions: {cosine:.6f}")
+
+
+def bench_image_encoding(repeats: int, batch: int = 8) -> None:
+    """Per-image encode latency of the person-search towers, side by side (random init, full size)."""
+    from PIL import Image
+
+    from models.irra import IRRARetrievalModel
+    from models.ivt import IVTConfig, IVTRetrievalModel
+
+    print(f"\n== person image encoding, ms per image at batch {batch} (PIL preprocessing included), median")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (256, 100, 3), dtype=np.uint8)) for _ in range(batch)]
+    builders = {
+        "IRRA (ViT-B/16, 193 tokens)": lambda p: IRRARetrievalModel.from_config(None, precision=p, seed=0),
+        "IVT stride 16 (193 tokens)": lambda p: IVTRetrievalModel.from_config(IVTConfig(stride=16), precision=p),
+        "IVT stride 12 (311 tokens)": lambda p: IVTRetrievalModel.from_config(IVTConfig(stride=12), precision=p),
+    }
+    for name, build in builders.items():
+        row = {}
+        for precision in ("fp32", "bf16"):
+            model = build(precision)
+            model.encode_images(images[:1])
+            row[precision] = median_ms(lambda m=model: m.encode_images(images), repeats) / batch
+            del model
+        print(f"{name:<28} fp32 {row['fp32']:7.1f}   bf16 {row['bf16']:7.1f}   x{row['fp32'] / row['bf16']:.2f}")
 
 
 def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
@@ -162,13 +188,15 @@ def bench_http(n: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["text", "faiss", "http"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["text", "image", "faiss", "http"])
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     repeats = 5 if args.quick else 15
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
     if "text" not in args.skip:
         bench_text_encoding(repeats)
+    if "image" not in args.skip:
+        bench_image_encoding(max(3, repeats // 3))
     if "faiss" not in args.skip:
         bench_faiss([20_000, 100_000] if args.quick else [100_000, 1_000_000], 200, repeats,
                     hnsw_max=100_000)

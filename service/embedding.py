@@ -13,7 +13,9 @@ from service.state import AppState
 
 
 async def embed_texts(state: AppState, entry: ModelEntry, texts: list[str]) -> np.ndarray:
-    keys = [content_key(entry.method, entry.version, "text", t.encode("utf-8")) for t in texts]
+    # the precision is part of the key: bf16 and fp32 embeddings of one checkpoint are close, not equal
+    version = f"{entry.version}@{getattr(entry.model, 'precision', '')}"
+    keys = [content_key(entry.method, version, "text", t.encode("utf-8")) for t in texts]
     cached = [state.cache.get(k) for k in keys]
     todo = [i for i, v in enumerate(cached) if v is None]
     if todo:

@@ -87,6 +87,11 @@ class ModelRegistry:
     def load_all(self) -> None:
         """Load every configured method; a method that fails is reported in /models, not fatal."""
         manifest = read_manifest(self.settings.weights_dir)
+        if self.settings.precision in ("fp32", "official"):  # as the official code ran: no TF32 in fp32 matmuls
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         for method in self.settings.method_list():
             if method in self.entries:
                 continue
