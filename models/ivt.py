@@ -424,8 +424,6 @@ def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] | None = N
     if image_size is None:
         stored = checkpoint.get("image_size") if isinstance(checkpoint, Mapping) else None
         image_size = (int(stored[0]), int(stored[1])) if stored is not None else IMAGE_SIZE
-    if isinstance(checkpoint, Mapping) and "image_size" in checkpoint:  # files of training.train (not official)
-        image_size = tuple(int(v) for v in checkpoint["image_size"])  # type: ignore[assignment]
     try:
         config = config_from_state_dict(state_dict, image_size)
     except ValueError as exc:
