@@ -443,15 +443,9 @@ class MagNet(nn.Module):
         self.classifier = MaskFormerHead(c)
         self.lang_proj = nn.Linear(c.hidden_size, c.decoder_dim)  # in the checkpoints; unused at inference
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                return_features: bool = False) -> dict[str, Any]:
-        """pixel_values (1 or B, 3, S, S) normalised; input_ids / attention_mask (B, T), T = 20 as in the release.
-
-        A single image with B expressions is embedded once (the patch stem is language-free) and broadcast; every
-        later stage mixes in the words, so it runs per expression. Returns ``pred_logits`` (B, Q, classes + 1) and
-        ``pred_masks`` (B, Q, S/4, S/4) logits, plus ``features`` (s1..s4) and ``language`` with
-        ``return_features``.
-        """
+    def fuse(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The backbone with both fusions: the four image stages' mixer outputs (s1..s4) and the final words."""
         batch = input_ids.shape[0]
         if pixel_values.shape[0] not in (1, batch):
             raise ValueError(f"{pixel_values.shape[0]} images for {batch} expressions")
@@ -470,6 +464,18 @@ class MagNet(nn.Module):
             words = self.language_model.forward_fusion(stage, x, words, extended_mask)
             features.append(s_k)
             x, height, width = x_next, next_h, next_w
+        return features, words
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                return_features: bool = False) -> dict[str, Any]:
+        """pixel_values (1 or B, 3, S, S) normalised; input_ids / attention_mask (B, T), T = 20 as in the release.
+
+        A single image with B expressions is embedded once (the patch stem is language-free) and broadcast; every
+        later stage mixes in the words, so it runs per expression. Returns ``pred_logits`` (B, Q, classes + 1) and
+        ``pred_masks`` (B, Q, S/4, S/4) logits, plus ``features`` (s1..s4) and ``language`` with
+        ``return_features``.
+        """
+        features, words = self.fuse(pixel_values, input_ids, attention_mask)
         outputs: dict[str, Any] = dict(self.classifier(features))
         if return_features:
             outputs["features"] = features

@@ -198,18 +198,7 @@ class MagNetRecipe(Recipe):
     def _features(self, magnet: MagNet, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
                   ) -> dict[str, Any]:
         """The official forward, keeping the pixel decoder maps and the language features."""
-        x, height, width = magnet.image_model.forward_stem(pixels)
-        word_mask = mask.unsqueeze(-1)
-        extended_mask = magnet.language_model.extended_mask(mask)
-        words = magnet.language_model.embeddings(ids)
-        features = []
-        for stage, image_stage in enumerate(magnet.image_model.layers):
-            x = image_stage.forward_blocks(x, height, width)
-            words = magnet.language_model.forward_stage(stage, words, extended_mask)
-            s_k, x_next, next_h, next_w = image_stage.forward_fusion(x, height, width, words, word_mask)
-            words = magnet.language_model.forward_fusion(stage, x, words, extended_mask)
-            features.append(s_k)
-            x, height, width = x_next, next_h, next_w
+        features, words = magnet.fuse(pixels, ids, mask)
         mask_features, multi_scale = magnet.classifier.pixel_decoder(features)
         out = dict(magnet.classifier.predictor(multi_scale, mask_features))
         out.update(mask_features=mask_features, coarse=multi_scale[0], language=words)
