@@ -375,47 +375,50 @@ class LapsModel(nn.Module):
 
 VISION_PREFIX = "img_enc.visual_encoder."
 
-# transformers 4.x names (official checkpoints) -> 5.x names, applied in order to the part after VISION_PREFIX
-_VIT_RENAMES: list[tuple[str, str]] = [
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.query\.", r"layers.\1.attention.q_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.key\.", r"layers.\1.attention.k_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.value\.", r"layers.\1.attention.v_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.o_proj."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.mlp.fc1."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.mlp.fc2."),
-    (r"^encoder\.layer\.(\d+)\.(layernorm_before|layernorm_after)\.", r"layers.\1.\2."),
+# (transformers 4.x name, 5.x name) of every backbone entry that was renamed, as the part after VISION_PREFIX;
+# {n} is a ViT layer number and {b} a Swin block path, kept as they are. Read 4.x -> 5.x to load official
+# checkpoints and 5.x -> 4.x to write official-layout files (_rename_rules builds both directions).
+_VIT_NAMES: list[tuple[str, str]] = [
+    ("encoder.layer.{n}.attention.attention.query.", "layers.{n}.attention.q_proj."),
+    ("encoder.layer.{n}.attention.attention.key.", "layers.{n}.attention.k_proj."),
+    ("encoder.layer.{n}.attention.attention.value.", "layers.{n}.attention.v_proj."),
+    ("encoder.layer.{n}.attention.output.dense.", "layers.{n}.attention.o_proj."),
+    ("encoder.layer.{n}.intermediate.dense.", "layers.{n}.mlp.fc1."),
+    ("encoder.layer.{n}.output.dense.", "layers.{n}.mlp.fc2."),
+    ("encoder.layer.{n}.layernorm_before.", "layers.{n}.layernorm_before."),
+    ("encoder.layer.{n}.layernorm_after.", "layers.{n}.layernorm_after."),
+]
+_SWIN_NAMES: list[tuple[str, str]] = [
+    ("{b}.attention.self.query.", "{b}.attention.q_proj."),
+    ("{b}.attention.self.key.", "{b}.attention.k_proj."),
+    ("{b}.attention.self.value.", "{b}.attention.v_proj."),
+    ("{b}.attention.self.relative_position_bias_table",
+     "{b}.attention.relative_position_bias.relative_position_bias_table"),
+    ("{b}.attention.output.dense.", "{b}.attention.o_proj."),
+    ("{b}.intermediate.dense.", "{b}.mlp.fc1."),
+    ("{b}.output.dense.", "{b}.mlp.fc2."),
 ]
 _SWIN_BLOCK = r"^(encoder\.layers\.\d+\.blocks\.\d+)\."
-_SWIN_RENAMES: list[tuple[str, str]] = [
-    (_SWIN_BLOCK + r"attention\.self\.query\.", r"\1.attention.q_proj."),
-    (_SWIN_BLOCK + r"attention\.self\.key\.", r"\1.attention.k_proj."),
-    (_SWIN_BLOCK + r"attention\.self\.value\.", r"\1.attention.v_proj."),
-    (_SWIN_BLOCK + r"attention\.self\.relative_position_bias_table$",
-     r"\1.attention.relative_position_bias.relative_position_bias_table"),
-    (_SWIN_BLOCK + r"attention\.output\.dense\.", r"\1.attention.o_proj."),
-    (_SWIN_BLOCK + r"intermediate\.dense\.", r"\1.mlp.fc1."),
-    (_SWIN_BLOCK + r"output\.dense\.", r"\1.mlp.fc2."),
-]
-# the inverse direction (5.x -> 4.x), for writing official-layout files
-_VIT_RENAMES_BACK: list[tuple[str, str]] = [
-    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
-    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
-    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
-    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
-    (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-    (r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\.", r"encoder.layer.\1.\2."),
-]
-_SWIN_RENAMES_BACK: list[tuple[str, str]] = [
-    (_SWIN_BLOCK + r"attention\.q_proj\.", r"\1.attention.self.query."),
-    (_SWIN_BLOCK + r"attention\.k_proj\.", r"\1.attention.self.key."),
-    (_SWIN_BLOCK + r"attention\.v_proj\.", r"\1.attention.self.value."),
-    (_SWIN_BLOCK + r"attention\.relative_position_bias\.relative_position_bias_table$",
-     r"\1.attention.self.relative_position_bias_table"),
-    (_SWIN_BLOCK + r"attention\.o_proj\.", r"\1.attention.output.dense."),
-    (_SWIN_BLOCK + r"mlp\.fc1\.", r"\1.intermediate.dense."),
-    (_SWIN_BLOCK + r"mlp\.fc2\.", r"\1.output.dense."),
-]
+_NAME_PLACEHOLDERS = {"{n}": r"(\d+)", "{b}": r"(encoder\.layers\.\d+\.blocks\.\d+)"}
+
+
+def _rename_rules(names: list[tuple[str, str]], backward: bool = False) -> list[tuple[str, str]]:
+    """Anchored (pattern, replacement) rules from a name table; a name not ending in '.' must match whole."""
+    rules = []
+    for old, new in names:
+        source, target = (new, old) if backward else (old, new)
+        pattern = "^" + re.escape(source) + ("" if source.endswith(".") else "$")
+        for placeholder, group in _NAME_PLACEHOLDERS.items():
+            pattern = pattern.replace(re.escape(placeholder), group)
+            target = target.replace(placeholder, r"\1")
+        rules.append((pattern, target))
+    return rules
+
+
+_VIT_RENAMES = _rename_rules(_VIT_NAMES)
+_SWIN_RENAMES = _rename_rules(_SWIN_NAMES)
+_VIT_RENAMES_BACK = _rename_rules(_VIT_NAMES, backward=True)
+_SWIN_RENAMES_BACK = _rename_rules(_SWIN_NAMES, backward=True)
 _SWIN_INDEX_4X = re.compile(_SWIN_BLOCK + r"attention\.self\.relative_position_index$")
 BERT_POSITION_IDS = "txt_enc.bert.embeddings.position_ids"  # persistent only before transformers 4.31
 
