@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from training.recipes import get_recipe
-from training.synthetic import KINDS, generate_caption, generate_person, generate_refer
+from training.synthetic import KINDS, generate_caption, generate_person, generate_refer, generator_version
 from training.trainer import train
 
 DEMO_SEED = 0
@@ -63,7 +63,8 @@ def ensure_data(root: Path | None, seed: int = DEMO_SEED, size: str = DEMO_SIZE,
     root = Path(root) if root is not None else default_data_root(seed, size)
     have = data_versions(root)
     for kind in KINDS:
-        if kind not in have:
+        # a kind written by an older generator version is generated again (its data version changes with it)
+        if kind not in have or not have[kind].startswith(f"synthetic-{kind}/g{generator_version(kind)}/"):
             print(f"generating synthetic {kind} data (seed {seed}, {size}) in {root / kind}", file=sys.stderr)
             GENERATORS[kind](root / kind, seed=seed, size=size, progress=True)
     have = data_versions(root)
