@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 GENERATOR_VERSION = "1"
 # A kind whose output changed since generator 1 carries its own version (the others keep their data versions):
-# caption 2: every caption of a scene names all of it.
-KIND_GENERATOR_VERSIONS: dict[str, str] = {"caption": "2"}
+# caption 2: every caption of a scene names all of it; person 2: plain teal scenes, no clutter.
+KIND_GENERATOR_VERSIONS: dict[str, str] = {"caption": "2", "person": "2"}
 KINDS: tuple[str, ...] = ("refer", "person", "caption")
 KIND_CODES: dict[str, int] = {"refer": 1, "person": 2, "caption": 3}
 
@@ -129,6 +129,8 @@ SHOE_COLOURS: dict[str, tuple[int, int, int]] = {"black": (25, 25, 25), "white":
                                                   "brown": (110, 70, 35)}
 HAIR_COLOURS: dict[str, tuple[int, int, int]] = {"black": (20, 18, 18), "brown": (100, 60, 30),
                                                   "blonde": (220, 190, 110)}
+PERSON_WALL: tuple[int, int, int] = (96, 150, 158)  # teal scene behind the figures (generator 2)
+PERSON_FLOOR: tuple[int, int, int] = (70, 112, 118)
 SKIN_TONES: tuple[tuple[int, int, int], ...] = (
     (241, 204, 170),
     (224, 172, 130),
@@ -688,18 +690,16 @@ def render_person(person: PersonIdentity, crop_hw: tuple[int, int], rng: np.rand
     out_h, out_w = crop_hw
     ss = 2
     height, width = out_h * ss, out_w * ss
-    wall = _jitter_colour((int(rng.integers(60, 200)),) * 3, rng, 40)
-    floor = _jitter_colour((int(rng.integers(60, 180)),) * 3, rng, 30)
+    # Generator 2: a teal wall and floor (a hue no clothing, hair or shoe colour has) and no clutter, so the
+    # figure stands out; generator 1's grey scenes and grey clutter blended with black / grey / white clothes.
+    wall = _jitter_colour(PERSON_WALL, rng, 14)
+    floor = _jitter_colour(PERSON_FLOOR, rng, 14)
     horizon = int(height * rng.uniform(0.55, 0.85))
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     canvas[:horizon] = _background(width, horizon, wall, rng)
     canvas[horizon:] = _background(width, height - horizon, floor, rng)
     image = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(0, 3))):  # clutter
-        x0, y0 = float(rng.uniform(0, width)), float(rng.uniform(0, height))
-        draw.rectangle([x0, y0, x0 + rng.uniform(5, width / 2), y0 + rng.uniform(5, height / 3)],
-                       fill=_jitter_colour((int(rng.integers(40, 220)),) * 3, rng, 50))
 
     fig_h = height * float(rng.uniform(0.78, 0.95))
     top = float(rng.uniform(0.01 * height, height - fig_h - 0.01 * height))
