@@ -101,6 +101,8 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
         "metrics": {k: round(v, 2) for k, v in metrics.items()},
         "size_bytes": target.stat().st_size,
     }
+    if config.get("demo_note"):  # the preset's deviations from the official recipe
+        entry["note"] = config["demo_note"]
     print(f"[demo] {method}: {name} {metrics[name]:.2f} (chance {metrics[chance]:.2f}), "
           f"{result.step} steps in {result.seconds:.0f}s", file=sys.stderr)
     return method, entry, metrics

@@ -47,8 +47,9 @@ from tqdm import tqdm
 
 GENERATOR_VERSION = "1"
 # A kind whose output changed since generator 1 carries its own version (the others keep their data versions):
-# caption 2: every caption of a scene names all of it; person 2: plain teal scenes, no clutter.
-KIND_GENERATOR_VERSIONS: dict[str, str] = {"caption": "2", "person": "2"}
+# caption 2: every caption of a scene names all of it; person 2: plain teal scenes, no clutter;
+# refer 2: 2-3 larger objects per scene (``REFER_RADII``, ``REFER_OBJECTS``), medium canvas 160 x 128.
+KIND_GENERATOR_VERSIONS: dict[str, str] = {"caption": "2", "person": "2", "refer": "2"}
 KINDS: tuple[str, ...] = ("refer", "person", "caption")
 KIND_CODES: dict[str, int] = {"refer": 1, "person": 2, "caption": 3}
 
@@ -80,7 +81,7 @@ SIZE_PRESETS: dict[str, SizePreset] = {
     "tiny": SizePreset((8, 3, 3), (96, 80), (6, 3, 3), 2, (96, 32), (8, 3, 3), (64, 64)),
     "small": SizePreset((48, 12, 12), (160, 128), (24, 6, 6), 3, (144, 48), (48, 12, 12), (128, 128)),
     "medium": SizePreset(
-        (2000, 250, 250), (320, 256), (1000, 100, 100), 4, (288, 96), (4000, 500, 500), (224, 224)
+        (2000, 250, 250), (160, 128), (1000, 100, 100), 4, (288, 96), (4000, 500, 500), (224, 224)
     ),
     "large": SizePreset(
         (16000, 1500, 1500), (480, 384), (4000, 500, 500), 4, (384, 128), (29000, 1000, 1000), (256, 256)
@@ -100,6 +101,11 @@ SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 OBJECT_SIZES: tuple[str, ...] = ("small", "large")
+# Radius ranges (fractions of the canvas's short side) per size word: caption scenes, and referring scenes
+# (generator 2: larger, so the small from-scratch demo models see each object over several patches).
+OBJECT_RADII: dict[str, tuple[float, float]] = {"small": (0.07, 0.10), "large": (0.15, 0.20)}
+REFER_RADII: dict[str, tuple[float, float]] = {"small": (0.12, 0.15), "large": (0.21, 0.26)}
+REFER_OBJECTS: tuple[int, int] = (2, 3)  # objects per referring scene (generator 1: 2-4)
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (232, 232, 228),
@@ -338,13 +344,14 @@ def _paint_object(
 
 
 def _place_objects(
-    specs: Sequence[tuple[str, str, str]], width: int, height: int, rng: np.random.Generator
+    specs: Sequence[tuple[str, str, str]], width: int, height: int, rng: np.random.Generator,
+    radii: dict[str, tuple[float, float]] = OBJECT_RADII,
 ) -> list[ShapeObject] | None:
     """Non-overlapping placement (circumscribed circles apart) of (colour, shape, size) specs, or None."""
     short_side = min(width, height)
     placed: list[ShapeObject] = []
     for colour, shape, size in specs:
-        low, high = (0.07, 0.10) if size == "small" else (0.15, 0.20)
+        low, high = radii[size]
         radius = float(rng.uniform(low, high)) * short_side
         for _attempt in range(60):
             cx = float(rng.uniform(radius + 2, width - radius - 2))
@@ -480,13 +487,13 @@ class ReferScene:
 def generate_refer_scene(
     rng: np.random.Generator, canvas: tuple[int, int], combos: Sequence[tuple[str, str]]
 ) -> ReferScene:
-    """A scene of 2-4 shapes where every object has at least one uniquely identifying expression."""
+    """A scene of ``REFER_OBJECTS`` shapes where every object has at least one uniquely identifying expression."""
     base_w, base_h = canvas
     while True:
         width = int(round(base_w * rng.uniform(0.85, 1.15)))
         height = int(round(base_h * rng.uniform(0.85, 1.15)))
-        specs = _sample_specs(int(rng.integers(2, 5)), combos, rng)
-        objects = _place_objects(specs, width, height, rng)
+        specs = _sample_specs(int(rng.integers(REFER_OBJECTS[0], REFER_OBJECTS[1] + 1)), combos, rng)
+        objects = _place_objects(specs, width, height, rng, REFER_RADII)
         if objects is None:
             continue
         options = [valid_descriptions(o, objects, width, height) for o in objects]
