@@ -242,7 +242,7 @@ class LapsCaptionState:
             index = torch.as_tensor(index, dtype=torch.long, device=self.lengths.device)
         lengths = self.lengths[index]
         width = int(lengths.max()) if lengths.numel() else 1
-        return LapsCaptionState(self.words_norm[index][:, :width], lengths, self.global_norm[index])
+        return LapsCaptionState(self.words_norm[:, :width][index], lengths, self.global_norm[index])
 
     def to(self, device: torch.device | str) -> LapsCaptionState:
         return LapsCaptionState(self.words_norm.to(device), self.lengths.to(device), self.global_norm.to(device))
@@ -400,6 +400,173 @@ def score_block(
     return BlockResult(scores=word_term + token_sum / num_tokens, keep=keep if return_keep else None)
 
 
+# float32 selection scores within this of the K-th / (K+1)-th boundary are re-decided in float64 (the float32
+# error of a 512-1024-term dot product of unit vectors is ~1e-6 in practice; 3e-5 is the worst-case bound at 512)
+SELECTION_MARGIN = 6e-5
+
+
+@dataclass
+class ReassociatedImageFactors:
+    """Text-independent factors of one image block for :func:`score_block_reassociated`.
+
+    ``patches_t`` are the unnormalised patches transposed [I, C, N] (one GEMM per image with the words);
+    ``slot_weights`` the exp-shifted aggregation logits ``e_c`` [I, Nc, N]; ``triangular`` R of ``P^T = QR``
+    [I, min(C, N), N], so ``|P^T a| = |R a|`` for any patch weights ``a``; ``norm_panels[i][b]`` hold
+    ``R[r, j] e_c[j]`` for the rows ``r`` of band ``b`` and the columns ``j >=`` the band start (R is upper
+    triangular), laid out [N - start, Nc * rows in band] for one GEMM with the keep masks.
+    """
+
+    patches_t: Tensor
+    patches_norm_t: Tensor
+    patch_norms: Tensor
+    slot_weights: Tensor
+    triangular: Tensor
+    band_starts: list[int]
+    norm_panels: list[list[Tensor]]
+
+    @staticmethod
+    def build(images: LapsImageState, num_bands: int = 4) -> ReassociatedImageFactors:
+        patches = images.patches
+        num_img, num_patches, _ = patches.shape
+        logits = images.aggr_logits.transpose(1, 2)  # [I, Nc, N]
+        slot_weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+        # [I, min(C, N), N], upper triangular (trapezoidal when C < N): R[r, j] == 0 for j < r
+        triangular = torch.linalg.qr(patches.transpose(1, 2), mode="r").R
+        num_rows = triangular.shape[1]
+        band = math.ceil(num_rows / max(1, num_bands))
+        starts = list(range(0, num_rows, band))
+        panels = []
+        for i in range(num_img):
+            weighted = triangular[i][None] * slot_weights[i][:, None, :]  # [Nc, r, j] = R[r, j] e_c[j]
+            panels.append([
+                weighted[:, s:s + band, s:].permute(2, 0, 1).reshape(num_patches - s, -1).contiguous()
+                for s in starts
+            ])
+        return ReassociatedImageFactors(
+            patches_t=patches.transpose(1, 2).contiguous(),
+            patches_norm_t=images.patches_norm.reshape(num_img * num_patches, -1).T.contiguous(),
+            patch_norms=patches.norm(dim=-1).clamp_min(1e-12), slot_weights=slot_weights,
+            triangular=triangular, band_starts=starts, norm_panels=panels,
+        )
+
+
+def _keep_from_float32(score: Tensor, keep_k: int, exact_score: Callable[[Tensor], Tensor]) -> Tensor:
+    """Top-K keep mask (float 0/1, last dim) from float32 scores: ``np.partition`` finds the K-th largest value
+    (introselect: several times faster than ``torch.topk`` here); rows whose K-th and (K+1)-th values are
+    closer than :data:`SELECTION_MARGIN` are re-decided by ``exact_score(row_index)`` (float64)."""
+    num_patches = score.shape[-1]
+    if keep_k >= num_patches:
+        return torch.ones_like(score)
+    flat = score.reshape(-1, num_patches)
+    boundary = np.partition(flat.numpy(), (num_patches - keep_k - 1, num_patches - keep_k), axis=-1)
+    threshold = torch.from_numpy(boundary[:, num_patches - keep_k].copy())
+    keep = (flat >= threshold[:, None]).to(score.dtype)
+    close = np.flatnonzero(boundary[:, num_patches - keep_k] - boundary[:, num_patches - keep_k - 1]
+                           < SELECTION_MARGIN)
+    if len(close):
+        rows = torch.from_numpy(close)
+        keep[rows] = _official_keep(exact_score(rows), keep_k)
+    return keep.view(score.shape)
+
+
+def score_block_reassociated(
+    images: LapsImageState,
+    captions: LapsCaptionState,
+    keep_k: int,
+    selection: str = "official",
+    paper: PaperSelection | None = None,
+    factors: ReassociatedImageFactors | None = None,
+    num_bands: int = 4,
+) -> Tensor:
+    """Inference-only LAPS scores [I, T] of one block, reassociated so that almost all work is large GEMMs.
+
+    Same result as :func:`score_block` (to float32 rounding) without forming any aggregated token:
+
+    - token-word similarity ``<Y_c, w> = sum_k a_ck <P_k, w>`` (Y_c the unnormalised token): one GEMM of all
+      patches with all words (``PW``, N*C*L multiply-adds per pair), then the masked aggregation weights applied
+      to ``PW`` (Nc*N*L);
+    - token norm ``|Y_c| = |R (e_c * m)|`` with ``m`` the 0/1 keep mask and R from ``P^T = QR``: one GEMM of the
+      masks with the text-independent panels ``R diag(e_c)``, cut into row bands so the zero lower triangle of R
+      is mostly skipped (about 0.6 * Nc*N*N);
+    - the fused token likewise, with its weights and R.
+
+    About (N*C*L + 0.6*Nc*N^2) multiply-adds per pair instead of Nc*N*C for the tokens alone, and no per-pair
+    gather. Falls back to :func:`score_block` where exp-shifted aggregation weights could underflow.
+    """
+    if selection not in ("official", "paper"):
+        raise ValueError(f"unknown selection {selection!r}")
+    logits = images.aggr_logits
+    spread = (logits.amax(dim=1) - logits.amin(dim=1)).max() if logits.numel() else 0.0
+    if float(spread) >= SAFE_LOGIT_RANGE or images.patches.device.type != "cpu":
+        return score_block(images, captions, keep_k, selection, paper).scores
+    if factors is None:
+        factors = ReassociatedImageFactors.build(images, num_bands)
+    num_img, num_cap = len(images), len(captions)
+    num_patches, dim, num_slots = images.num_patches, images.dim, images.num_aggregated
+    words = captions.words_norm  # [T, L, C], zero rows past each length
+    num_words = words.shape[1]
+    word_rows = words.reshape(num_cap * num_words, dim)
+    # 1. selection: s = <norm(mean P), P^_k> + <norm(mean T), P^_k> [T, I, N]
+    score = torch.matmul(captions.global_norm, factors.patches_norm_t).view(num_cap, num_img, num_patches)
+    score = score + images.self_score.float()[None]
+    if selection == "official":
+        def exact_score(rows: Tensor) -> Tensor:
+            """float64 selection scores of the (caption, image) rows ``t * I + i``, one GEMM per image."""
+            t, i = rows // num_img, rows % num_img
+            exact = torch.empty(len(rows), num_patches, dtype=torch.float64)
+            for image in i.unique().tolist():
+                pick = (i == image).nonzero()[:, 0]
+                queries = captions.global_norm[t[pick]].double()
+                exact[pick] = images.patches_norm[image].double().matmul(queries.T).T + images.self_score[image]
+            return exact
+
+        keep = _keep_from_float32(score, keep_k, exact_score)
+    else:
+        if images.patch_prior is None or paper is None:
+            raise ValueError("paper selection needs image states with patch_prior and PaperSelection params")
+        score_st = torch.einsum("inc,tc->tin", images.patches_norm.double(), captions.global_norm.double())
+        keep = _paper_keep(score_st, images.self_score[None], images.patch_prior[None], paper, False)
+        score = (images.self_score[None] + score_st).float()
+    fuse = torch.exp(score - score.amax(dim=-1, keepdim=True)) * (1.0 - keep)  # [T, I, N]; |s| <= 2
+    cls_sims = None
+    if images.cls_norm is not None:  # the CLS token takes part in the matching only
+        cls_sims = torch.matmul(word_rows, images.cls_norm.T).view(num_cap, num_words, num_img)
+    word_mask = captions.word_mask  # [T, L]
+    hide_padding = ~word_mask[:, :, None]
+    lengths = captions.lengths.to(score.dtype)
+    num_tokens = num_slots + 1 + (cls_sims is not None)
+    out = torch.empty(num_img, num_cap, dtype=torch.float32)
+    for i in range(num_img):
+        keep_i, fuse_i, weights = keep[:, i], fuse[:, i], factors.slot_weights[i]  # [T, N], [T, N], [Nc, N]
+        # 2. patch-word similarities of this image [T, L, N] (one GEMM), the fused token's and the aggregated
+        #    tokens' similarities from them: sum_k a_k <P_k, w>
+        patch_words = torch.matmul(word_rows, factors.patches_t[i]).view(num_cap, num_words, num_patches)
+        fused_sims = torch.bmm(patch_words, fuse_i[:, :, None])[..., 0]  # [T, L]
+        masked = (patch_words * keep_i[:, None, :]).view(num_cap * num_words, num_patches)
+        aggr_sims = torch.matmul(masked, weights.T).view(num_cap, num_words, num_slots)
+        # 3. unnormalised-token norms |R (e_c * m)| by row bands of R, the fused |R w|, and the weight sums
+        band_norms = [
+            torch.linalg.vector_norm(torch.matmul(keep_i[:, start:], panel).view(num_cap, num_slots, -1), dim=-1)
+            for start, panel in zip(factors.band_starts, factors.norm_panels[i], strict=True)
+        ]
+        aggr_norm = torch.linalg.vector_norm(torch.stack(band_norms, dim=-1), dim=-1)  # [T, Nc]
+        fused_norm = torch.linalg.vector_norm(fuse_i @ factors.triangular[i].T, dim=-1)  # [T]
+        aggr_scale = 1.0 / torch.maximum(aggr_norm, 1e-12 * (keep_i @ weights.T)).clamp_min(1e-30)
+        fused_scale = 1.0 / torch.maximum(fused_norm, 1e-12 * fuse_i.sum(dim=-1)).clamp_min(1e-30)
+        # 4. matching: A = LeakyReLU(W^ V^T); mean over words of the best token + mean over tokens of the best word
+        aggr_sims = F.leaky_relu(aggr_sims * aggr_scale[:, None, :], negative_slope=LEAKY_RELU_SLOPE)
+        extra = [fused_sims * fused_scale[:, None]]
+        if cls_sims is not None:
+            extra.append(cls_sims[:, :, i])
+        extra_sims = F.leaky_relu(torch.stack(extra, dim=-1), negative_slope=LEAKY_RELU_SLOPE)  # [T, L, E]
+        best_token = torch.maximum(aggr_sims.amax(dim=-1), extra_sims.amax(dim=-1))  # [T, L]
+        token_sum = (aggr_sims.masked_fill(hide_padding, float("-inf")).amax(dim=1).sum(dim=-1)
+                     + extra_sims.masked_fill(hide_padding, float("-inf")).amax(dim=1).sum(dim=-1))
+        word_term = (best_token * word_mask).sum(dim=-1) / lengths
+        out[i] = word_term + token_sum / num_tokens
+    return out
+
+
 def text_free_tokens(images: LapsImageState, keep_k: int) -> Tensor:
     """The matching tokens an image yields when the text term of the selection score is left out.
 
@@ -438,6 +605,19 @@ def _bytes_per_pair(images: LapsImageState, max_words: int) -> int:
     return 4 * (nc * n + nc * c + 3 * (nc + 2) * max_words + 4 * n) + 8 * 2 * n
 
 
+def _caption_chunks(sorted_lengths: list[int], max_words: int) -> list[tuple[int, int]]:
+    """Greedy [start, end) runs of length-sorted captions whose padded size (count x longest) stays within
+    ``max_words`` (a caption longer than that gets a run of its own)."""
+    runs, start = [], 0
+    while start < len(sorted_lengths):
+        end = start + 1
+        while end < len(sorted_lengths) and (end + 1 - start) * sorted_lengths[end] <= max_words:
+            end += 1
+        runs.append((start, end))
+        start = end
+    return runs
+
+
 def score_matrix(
     images: LapsImageState,
     captions: LapsCaptionState,
@@ -445,27 +625,43 @@ def score_matrix(
     selection: str = "official",
     paper: PaperSelection | None = None,
     max_chunk_bytes: int = 256 * 2**20,
-    image_chunk: int = 32,
+    image_chunk: int = 16,
     progress: Callable[[int], None] | None = None,
+    max_block_words: int = 2048,
 ) -> Tensor:
     """All-pairs LAPS scores [I, T] (float32, on the states' device) in bounded memory.
 
-    Captions are processed in length order (less padding) and images in chunks of ``image_chunk``; each block
-    is sized so its working set stays under ``max_chunk_bytes``. ``progress(n_pairs_done)`` is called per block.
+    Captions are processed in length order (little padding) and images in chunks of ``image_chunk``. On the CPU
+    each block goes through :func:`score_block_reassociated` (text-independent factors built once per image
+    chunk; a block holds at most ``max_block_words`` padded words, fewer if its three word x patch buffers would
+    exceed ``max_chunk_bytes``); elsewhere through :func:`score_block`, sized to ``max_chunk_bytes``.
+    ``progress(n_pairs_done)`` is called per block.
     """
     num_img, num_cap = len(images), len(captions)
     out = torch.empty(num_img, num_cap, dtype=torch.float32, device=images.patches.device)
     if num_img == 0 or num_cap == 0:
         return out
     order = torch.argsort(captions.lengths.cpu(), stable=True)
+    if images.patches.device.type == "cpu":
+        # caption runs are the same for every image chunk: select (copy, trim) them once
+        bytes_per_word = 3 * 4 * (images.num_patches + images.num_aggregated)
+        budget = max(1, min(max_block_words, max_chunk_bytes // bytes_per_word))
+        runs = [(t0, t1, captions.select(order[t0:t1].to(captions.lengths.device)))
+                for t0, t1 in _caption_chunks(captions.lengths[order].tolist(), budget)]
     with torch.no_grad():
         for i0 in range(0, num_img, image_chunk):
             img_block = images.select(slice(i0, min(i0 + image_chunk, num_img)))
+            if images.patches.device.type == "cpu":
+                factors = ReassociatedImageFactors.build(img_block)
+                for t0, t1, block_captions in runs:
+                    block = score_block_reassociated(img_block, block_captions, keep_k, selection, paper, factors)
+                    out[i0:i0 + len(img_block), order[t0:t1].to(out.device)] = block
+                    if progress is not None:
+                        progress(len(img_block) * (t1 - t0))
+                continue
             t0 = 0
-            while t0 < num_cap:
-                # size the caption block by the longest caption it could contain
-                probe_end = min(t0 + 4096, num_cap)
-                max_words = int(captions.lengths[order[probe_end - 1]])
+            while t0 < num_cap:  # size the block by the longest caption it could contain
+                max_words = int(captions.lengths[order[min(t0 + 4096, num_cap) - 1]])
                 per_block = max(1, max_chunk_bytes // (_bytes_per_pair(img_block, max_words) * len(img_block)))
                 t1 = min(t0 + per_block, num_cap)
                 index = order[t0:t1].to(captions.lengths.device)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models import laps_scoring
 from models.checkpoint import CheckpointMismatchError, load_checkpoint_file
 from models.laps import (
     LapsConfig,
@@ -30,7 +31,10 @@ from models.laps import (
 from models.laps_scoring import (
     LapsCaptionState,
     LapsImageState,
+    ReassociatedImageFactors,
+    _caption_chunks,
     score_block,
+    score_block_reassociated,
     score_matrix,
     score_matrix_reference,
 )
@@ -116,6 +120,57 @@ def test_vectorised_scores_equal_per_pair_loop(n: int, nc: int, keep_k: int, cls
     assert torch.isfinite(loop).all() and loop.std() > 1e-3
     assert torch.allclose(chunked, loop, atol=1e-5, rtol=0)
     assert torch.allclose(whole, loop, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n,c,nc,keep_k,cls,bands", [
+    (16, 32, 3, 8, True, 1), (16, 32, 3, 8, True, 3), (49, 32, 23, 40, False, 4),
+    (16, 8, 5, 7, True, 4),  # fewer channels than patches: R of P^T = QR is trapezoidal
+])
+def test_reassociated_block_equals_per_pair_loop(n: int, c: int, nc: int, keep_k: int, cls: bool,
+                                                 bands: int) -> None:
+    images, captions, agg = _random_states(4, 9, n, c, nc, cls, seed=n + c)
+    loop = score_matrix_reference(images, captions, keep_k, agg.weight, agg.scale)
+    factors = ReassociatedImageFactors.build(images, bands)
+    got = score_block_reassociated(images, captions, keep_k, factors=factors)
+    assert torch.isfinite(loop).all() and loop.std() > 1e-3
+    assert torch.allclose(got, loop, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("margin", [0.0, 10.0])
+def test_reassociated_selection_float64_fallback(margin: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Margin 0 decides every pair from float32 scores, margin 10 re-decides every pair in float64: the kept sets
+    (hence the scores) agree with the float64 top-K of the per-pair loop either way on these inputs."""
+    monkeypatch.setattr(laps_scoring, "SELECTION_MARGIN", margin)
+    images, captions, agg = _random_states(3, 7, 49, 16, 23, False, seed=11)
+    loop = score_matrix_reference(images, captions, 40, agg.weight, agg.scale)
+    assert torch.allclose(score_block_reassociated(images, captions, 40), loop, atol=1e-5, rtol=0)
+
+
+def test_reassociated_float32_near_ties_follow_float64() -> None:
+    """Two patches whose float64 selection scores differ by 1e-9 (far below float32 resolution) at the K-th
+    place: the float64 re-decision keeps the one the per-pair loop keeps."""
+    images, captions, agg = _random_states(1, 1, 16, 16, 3, False, seed=5, max_len=6)
+    scores = (images.self_score[0] + images.patches_norm[0].double() @ captions.global_norm[0].double())
+    order = torch.argsort(scores, descending=True)
+    kth, next_one = int(order[7]), int(order[8])
+    # shift patch `next_one`'s image self-score so it sits 1e-9 above patch `kth`
+    self_score = images.self_score.clone()
+    self_score[0, next_one] += float(scores[kth] - scores[next_one]) + 1e-9
+    tied = LapsImageState(patches=images.patches, cls=None, aggr_logits=images.aggr_logits,
+                          patches_norm=images.patches_norm, self_score=self_score)
+    loop = score_matrix_reference(tied, captions, 8, agg.weight, agg.scale)
+    got = score_block_reassociated(tied, captions, 8)
+    assert torch.allclose(got, loop, atol=1e-5, rtol=0)
+
+
+def test_caption_chunks_bound_padded_words() -> None:
+    lengths = [3, 3, 4, 5, 5, 6, 20, 90]
+    runs = _caption_chunks(lengths, 16)
+    assert runs[0][0] == 0 and runs[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+    for start, end in runs:
+        assert (end - start) * lengths[end - 1] <= 16 or end - start == 1
+    assert runs[-1] == (7, 8)  # the 90-word caption alone
 
 
 def test_extreme_aggregation_logits_use_exact_softmax() -> None:
