@@ -9,16 +9,18 @@ K=40, Nc=23. Patches and words are N(0, 1) plus a shared direction (trained feat
 cosines realistic); caption lengths (with [CLS]/[SEP]) are 2 + Poisson(12), clipped to 4..60, and the first
 caption has 95 tokens (capped at 90). The aggregation MLP is filled by the parity rule (crc32-normal-v1).
 
-The vectorised scorer (``score_matrix``) scores all images x captions. The per-pair loop
-(``score_pair_reference``: gather, MLP on the kept patches, softmax, bmm, as the official code per pair) runs
-on a subset, interleaved with the vectorised image chunks so both see the same machine load; its rate is
-extrapolated to the full matrix; it runs on one thread (its ops are tiny: a second thread only adds
-synchronisation, which costs whole scheduler slices when the machine is busy). A third baseline is the
-official evaluation strategy (``score_matrix_per_caption``: a loop over captions, each against a 256-image
-shard at once), on min(images, 256) x ``--official-captions``. The script prints the rates (pairs/s), the
-ratios, the largest score differences, and peak memory: the scorer's working-set increase over the stored states
+The vectorised scorer (``score_matrix``: on the CPU ``score_block_reassociated``, which turns the per-pair work
+into large GEMMs - patch x word similarities and QR-banded token norms) scores all images x captions on
+``--threads`` threads (default: all cores). The per-pair loop (``score_pair_reference``: gather, MLP on the kept
+patches, softmax, bmm, as the official code per pair) runs on a subset, interleaved with the vectorised image
+chunks so both see the same machine load; its rate is extrapolated to the full matrix; it runs on one thread (its
+ops are tiny: a second thread only adds synchronisation, which costs whole scheduler slices when the machine is
+busy). ``--loop-threads`` changes that. A third baseline is the official evaluation strategy
+(``score_matrix_per_caption``: a loop over captions, each against a 256-image shard at once), on
+min(images, 256) x ``--official-captions``. The script prints the rates (pairs/s), the ratios, the largest score
+differences, and peak memory: the scorer's working-set increase over the stored states
 (peak RSS during scoring, reset through ``/proc/self/clear_refs``, minus RSS before; ``max_memory_allocated``
-on CUDA) next to the states' own size. The scorer's blocks are sized to stay under 256 MiB.
+on CUDA) next to the states' own size.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
         i = int(rng.integers(i0, i0 + len(block)))
         picks = rng.choice(num_cap, size=args.loop_pairs_per_chunk + 5, replace=False)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # per-pair ops are tiny: one thread is fastest, and immune to busy cores
+        torch.set_num_threads(args.loop_threads)  # per-pair ops are tiny: one thread is fastest
         with torch.no_grad():
             for t in picks[:5]:
                 score_pair_reference(inputs.images, i, inputs.captions, int(t), inputs.keep_k, inputs.aggr.weight,
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", nargs="+", default=["vit", "swin"], choices=["vit", "swin"])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=5000)
-    parser.add_argument("--image-chunk", type=int, default=32)
+    parser.add_argument("--image-chunk", type=int, default=16)
+    parser.add_argument("--loop-threads", type=int, default=1)
     parser.add_argument("--loop-pairs-per-chunk", type=int, default=40)
     parser.add_argument("--official-captions", type=int, default=40,
                         help="captions for the official-strategy baseline (x min(images, 256))")

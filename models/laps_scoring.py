@@ -409,7 +409,7 @@ SELECTION_MARGIN = 6e-5
 class ReassociatedImageFactors:
     """Text-independent factors of one image block for :func:`score_block_reassociated`.
 
-    ``patches_t`` are the unnormalised patches transposed [I, C, N] (one GEMM per image with the words);
+    ``patches_t`` are the unnormalised patches of all images transposed [C, I*N] (one GEMM with the words);
     ``slot_weights`` the exp-shifted aggregation logits ``e_c`` [I, Nc, N]; ``triangular`` R of ``P^T = QR``
     [I, min(C, N), N], so ``|P^T a| = |R a|`` for any patch weights ``a``; ``norm_panels[i][b]`` hold
     ``R[r, j] e_c[j]`` for the rows ``r`` of band ``b`` and the columns ``j >=`` the band start (R is upper
@@ -443,7 +443,7 @@ class ReassociatedImageFactors:
                 for s in starts
             ])
         return ReassociatedImageFactors(
-            patches_t=patches.transpose(1, 2).contiguous(),
+            patches_t=patches.reshape(num_img * num_patches, -1).T.contiguous(),
             patches_norm_t=images.patches_norm.reshape(num_img * num_patches, -1).T.contiguous(),
             patch_norms=patches.norm(dim=-1).clamp_min(1e-12), slot_weights=slot_weights,
             triangular=triangular, band_starts=starts, norm_panels=panels,
@@ -535,14 +535,16 @@ def score_block_reassociated(
     hide_padding = ~word_mask[:, :, None]
     lengths = captions.lengths.to(score.dtype)
     num_tokens = num_slots + 1 + (cls_sims is not None)
+    # 2. patch-word similarities [T, L, I, N]: one GEMM for the block
+    all_patch_words = torch.matmul(word_rows, factors.patches_t).view(num_cap, num_words, num_img, num_patches)
+    all_patch_words = all_patch_words.transpose(1, 2)  # [T, I, L, N] (a view)
     out = torch.empty(num_img, num_cap, dtype=torch.float32)
     for i in range(num_img):
         keep_i, fuse_i, weights = keep[:, i], fuse[:, i], factors.slot_weights[i]  # [T, N], [T, N], [Nc, N]
-        # 2. patch-word similarities of this image [T, L, N] (one GEMM), the fused token's and the aggregated
-        #    tokens' similarities from them: sum_k a_k <P_k, w>
-        patch_words = torch.matmul(word_rows, factors.patches_t[i]).view(num_cap, num_words, num_patches)
+        # the fused token's and the aggregated tokens' similarities from the patch-word ones: sum_k a_k <P_k, w>
+        patch_words = all_patch_words[:, i]  # [T, L, N]
         fused_sims = torch.bmm(patch_words, fuse_i[:, :, None])[..., 0]  # [T, L]
-        masked = (patch_words * keep_i[:, None, :]).view(num_cap * num_words, num_patches)
+        masked = (patch_words * keep_i[:, None, :]).reshape(num_cap * num_words, num_patches)
         aggr_sims = torch.matmul(masked, weights.T).view(num_cap, num_words, num_slots)
         # 3. unnormalised-token norms |R (e_c * m)| by row bands of R, the fused |R w|, and the weight sums
         band_norms = [
