@@ -11,7 +11,8 @@ caption has 95 tokens (capped at 90). The aggregation MLP is filled by the parit
 
 The vectorised scorer (``score_matrix``: on the CPU ``score_block_reassociated``, which turns the per-pair work
 into large GEMMs - patch x word similarities and QR-banded token norms) scores all images x captions on
-``--threads`` threads (default: all cores). The per-pair loop (``score_pair_reference``: gather, MLP on the kept
+``--threads`` threads (default: all cores; or ``--workers`` Python threads with one torch thread each). The
+per-pair loop (``score_pair_reference``: gather, MLP on the kept
 patches, softmax, bmm, as the official code per pair) runs on a subset, interleaved with the vectorised image
 chunks so both see the same machine load; its rate is extrapolated to the full matrix; it runs on one thread (its
 ops are tiny: a second thread only adds synchronisation, which costs whole scheduler slices when the machine is
@@ -108,7 +109,7 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
     inputs = make_inputs(backbone, args.images, args.captions, args.seed, device)
     num_img, num_cap = len(inputs.images), len(inputs.captions)
     rng = np.random.default_rng(args.seed + 1)
-    chunk = args.image_chunk
+    chunk = args.image_chunk * args.workers  # images per interleaving step (each worker scores image_chunk)
     scores = torch.empty(num_img, num_cap, dtype=torch.float32, device=device)
     loop_pairs: list[tuple[int, int, float]] = []
     vec_time = loop_time = 0.0
@@ -138,7 +139,8 @@ def run_config(backbone: str, args: argparse.Namespace) -> dict[str, float]:
     for i0 in range(0, num_img, chunk):
         block = inputs.images.select(slice(i0, min(i0 + chunk, num_img)))
         start = time.perf_counter()
-        scores[i0:i0 + len(block)] = score_matrix(block, inputs.captions, inputs.keep_k, image_chunk=chunk)
+        scores[i0:i0 + len(block)] = score_matrix(block, inputs.captions, inputs.keep_k,
+                                                  image_chunk=args.image_chunk, workers=args.workers)
         if device == "cuda":
             torch.cuda.synchronize()
         vec_time += time.perf_counter() - start
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", type=int, default=5000)
     parser.add_argument("--image-chunk", type=int, default=16)
     parser.add_argument("--loop-threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="score_matrix workers: Python threads with one torch thread each (default: torch's "
+                             "intra-op threads)")
     parser.add_argument("--loop-pairs-per-chunk", type=int, default=40)
     parser.add_argument("--official-captions", type=int, default=40,
                         help="captions for the official-strategy baseline (x min(images, 256))")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -630,49 +631,82 @@ def score_matrix(
     image_chunk: int = 16,
     progress: Callable[[int], None] | None = None,
     max_block_words: int = 2048,
+    workers: int = 1,
 ) -> Tensor:
     """All-pairs LAPS scores [I, T] (float32, on the states' device) in bounded memory.
 
     Captions are processed in length order (little padding) and images in chunks of ``image_chunk``. On the CPU
     each block goes through :func:`score_block_reassociated` (text-independent factors built once per image
-    chunk; a block holds at most ``max_block_words`` padded words, fewer if its three word x patch buffers would
-    exceed ``max_chunk_bytes``); elsewhere through :func:`score_block`, sized to ``max_chunk_bytes``.
-    ``progress(n_pairs_done)`` is called per block.
+    chunk; a block holds at most ``max_block_words`` padded words, fewer if its word x patch buffers would exceed
+    ``max_chunk_bytes``); elsewhere through :func:`score_block`, sized to ``max_chunk_bytes``.
+    ``progress(n_pairs_done)`` is called per block. ``workers > 1`` (CPU) scores image chunks on that many
+    Python threads with one torch thread each, instead of torch's intra-op threads; it sets the process-wide
+    torch thread count for the duration, so use it only where nothing else runs torch at the same time (the
+    evaluation CLI, benchmarks).
     """
     num_img, num_cap = len(images), len(captions)
     out = torch.empty(num_img, num_cap, dtype=torch.float32, device=images.patches.device)
     if num_img == 0 or num_cap == 0:
         return out
     order = torch.argsort(captions.lengths.cpu(), stable=True)
-    if images.patches.device.type == "cpu":
-        # caption runs are the same for every image chunk: select (copy, trim) them once
-        bytes_per_word = 3 * 4 * (images.num_patches + images.num_aggregated)
-        budget = max(1, min(max_block_words, max_chunk_bytes // bytes_per_word))
-        runs = [(t0, t1, captions.select(order[t0:t1].to(captions.lengths.device)))
-                for t0, t1 in _caption_chunks(captions.lengths[order].tolist(), budget)]
-    with torch.no_grad():
-        for i0 in range(0, num_img, image_chunk):
+    chunk_starts = range(0, num_img, image_chunk)
+    if images.patches.device.type != "cpu":
+        with torch.no_grad():
+            for i0 in chunk_starts:
+                _score_chunk_direct(images.select(slice(i0, min(i0 + image_chunk, num_img))), i0, captions, order,
+                                    keep_k, selection, paper, max_chunk_bytes, out, progress)
+        return out
+    # caption runs are the same for every image chunk: select (copy, trim) them once
+    bytes_per_word = 4 * (min(image_chunk, num_img) * (images.num_patches + 1) + 2 * images.num_patches
+                          + images.num_aggregated)
+    budget = max(1, min(max_block_words, max_chunk_bytes // bytes_per_word))
+    runs = [(t0, t1, captions.select(order[t0:t1].to(captions.lengths.device)))
+            for t0, t1 in _caption_chunks(captions.lengths[order].tolist(), budget)]
+
+    def score_image_chunk(i0: int) -> None:
+        with torch.no_grad():
             img_block = images.select(slice(i0, min(i0 + image_chunk, num_img)))
-            if images.patches.device.type == "cpu":
-                factors = ReassociatedImageFactors.build(img_block)
-                for t0, t1, block_captions in runs:
-                    block = score_block_reassociated(img_block, block_captions, keep_k, selection, paper, factors)
-                    out[i0:i0 + len(img_block), order[t0:t1].to(out.device)] = block
-                    if progress is not None:
-                        progress(len(img_block) * (t1 - t0))
-                continue
-            t0 = 0
-            while t0 < num_cap:  # size the block by the longest caption it could contain
-                max_words = int(captions.lengths[order[min(t0 + 4096, num_cap) - 1]])
-                per_block = max(1, max_chunk_bytes // (_bytes_per_pair(img_block, max_words) * len(img_block)))
-                t1 = min(t0 + per_block, num_cap)
-                index = order[t0:t1].to(captions.lengths.device)
-                block = score_block(img_block, captions.select(index), keep_k, selection, paper).scores
-                out[i0:i0 + len(img_block), index.to(out.device)] = block
+            factors = ReassociatedImageFactors.build(img_block)
+            for t0, t1, block_captions in runs:
+                block = score_block_reassociated(img_block, block_captions, keep_k, selection, paper, factors)
+                out[i0:i0 + len(img_block), order[t0:t1]] = block
                 if progress is not None:
                     progress(len(img_block) * (t1 - t0))
-                t0 = t1
+
+    if workers <= 1:
+        for i0 in chunk_starts:
+            score_image_chunk(i0)
+        return out
+    threads_before = torch.get_num_threads()
+
+    def worker(starts: Sequence[int]) -> None:
+        torch.set_num_threads(1)
+        for i0 in starts:
+            score_image_chunk(i0)
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(worker, [chunk_starts[w::workers] for w in range(workers)]))
+    finally:
+        torch.set_num_threads(threads_before)
     return out
+
+
+def _score_chunk_direct(img_block: LapsImageState, i0: int, captions: LapsCaptionState, order: Tensor, keep_k: int,
+                        selection: str, paper: PaperSelection | None, max_chunk_bytes: int, out: Tensor,
+                        progress: Callable[[int], None] | None) -> None:
+    """One image chunk of :func:`score_matrix` through :func:`score_block` (off the CPU)."""
+    num_cap, t0 = len(captions), 0
+    while t0 < num_cap:  # size the block by the longest caption it could contain
+        max_words = int(captions.lengths[order[min(t0 + 4096, num_cap) - 1]])
+        per_block = max(1, max_chunk_bytes // (_bytes_per_pair(img_block, max_words) * len(img_block)))
+        t1 = min(t0 + per_block, num_cap)
+        index = order[t0:t1].to(captions.lengths.device)
+        block = score_block(img_block, captions.select(index), keep_k, selection, paper).scores
+        out[i0:i0 + len(img_block), index.to(out.device)] = block
+        if progress is not None:
+            progress(len(img_block) * (t1 - t0))
+        t0 = t1
 
 
 def score_pair_reference(

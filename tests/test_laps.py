@@ -163,6 +163,15 @@ def test_reassociated_float32_near_ties_follow_float64() -> None:
     assert torch.allclose(got, loop, atol=1e-5, rtol=0)
 
 
+def test_score_matrix_workers_match_and_restore_threads() -> None:
+    images, captions, _ = _random_states(7, 11, 16, 32, 3, True, seed=21)
+    threads = torch.get_num_threads()
+    serial = score_matrix(images, captions, 8, image_chunk=2)
+    threaded = score_matrix(images, captions, 8, image_chunk=2, workers=2)
+    assert torch.allclose(serial, threaded, atol=1e-6, rtol=0)
+    assert torch.get_num_threads() == threads
+
+
 def test_caption_chunks_bound_padded_words() -> None:
     lengths = [3, 3, 4, 5, 5, 6, 20, 90]
     runs = _caption_chunks(lengths, 16)
