@@ -12,14 +12,22 @@ computes, for one image and one caption (research notes section 2.5):
 
 Everything that does not depend on the caption is computed once per image (:class:`LapsImageState`), including
 the aggregation-MLP logits of every patch (the MLP is token-wise, so this equals the official per-pair MLP on
-the kept tokens). :func:`score_block` then scores a whole block of images x captions with batched tensor ops;
+the kept tokens). Two block scorers follow:
+
+- :func:`score_block` forms the tokens with batched tensor ops; it is differentiable (training, the paper
+  variant's straight-through decisions) and serves the parity cases and CUDA;
+- :func:`score_block_reassociated` (inference on the CPU) never forms a token: by linearity the token-word
+  similarities come from one patch x word GEMM and the token norms from R of ``P^T = QR``, so nearly all of
+  its work is large GEMMs.
+
 :func:`score_matrix` chunks a large gallery so memory stays bounded. :func:`score_pair_reference` is the
 straightforward per-pair loop body (gather, MLP, softmax, bmm as the official code does) used as the oracle.
 
-Selection scores are accumulated in float64. The top-K set is then a deterministic function of the float32
-embeddings, whatever the batch layout, so the vectorised scorer and the per-pair loop choose identical sets;
-the official float32 code chooses the same set except for pairs whose K-th and (K+1)-th scores are closer than
-float32 rounding (~1e-7), where the official result itself depends on the kernel.
+Selection decisions follow float64 scores. The top-K set is then a deterministic function of the float32
+embeddings, whatever the batch layout, so the block scorers and the per-pair loop choose identical sets (the
+reassociated scorer ranks in float32 and re-decides in float64 only near the K-th boundary); the official float32
+code chooses the same set except for pairs whose K-th and (K+1)-th scores are closer than float32 rounding
+(~1e-7), where the official result itself depends on the kernel.
 """
 
 from __future__ import annotations
