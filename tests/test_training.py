@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 METHODS: dict[str, tuple[str, int, float]] = {
     "irra": ("person", 12, 0.9),
     "ivt": ("person", 30, 0.98),  # CMPM from random weights leaves its plateau slowly
-    "laps": ("caption", 25, 0.95),
+    "laps": ("caption", 40, 0.95),
     "scanformer": ("refer", 30, 0.95),
     "magnet": ("refer", 12, 0.9),
 }
