@@ -48,8 +48,8 @@ OFFICIAL: Config = {
 # Small CLIP towers (ViT-B/16 layout at 96x32 -> 6x2 patches, width 96; text width 32; one head each, as the
 # loader infers heads = width // 64), synthetic data. Deviations from the official recipe, all because the towers
 # start from random weights instead of CLIP:
-# - lr 3e-4 (official 1e-5) with a 1-epoch warm-up at 0.1 x lr, cosine over 11 epochs (2750 steps, about 6.5 min
-#   on one idle CPU thread);
+# - lr 3e-4 (official 1e-5) with a 1-epoch warm-up at 0.1 x lr, cosine over 11 epochs (2750 steps; 0.13 s each
+#   on one CPU thread at load 1.7: about 6 min);
 # - Adam eps 1e-8: the official 1e-3 goes with fp16 weights; with fp32 weights it stalls Adam from scratch;
 # - losses SDM + ITC + ID, no MLM: SDM (+ ID) alone sat at chance for hundreds of steps (text and image features
 #   of every sample nearly equal at init); adding the InfoNCE term (IRRA's own "itc" option) gets out of it, and

@@ -49,7 +49,7 @@ OFFICIAL: Config = {
 # random weights (the released model starts from ImageNet-21k ViT and BERT-base). Deviations from the official
 # recipe, all for that reason:
 # - lr 1e-3 everywhere (official 2e-4, backbones x0.1), x0.3 once at epoch 9 of 15 epochs of 3200 captions
-#   (1500 steps, about 6 min on one idle CPU thread);
+#   (1500 steps; 0.26 s each on one CPU thread at load 2.8: about 6.5 min);
 # - the all-negatives hinge for 10 epochs (official: the first epoch only), then the hardest negative: from random
 #   weights the hardest-negative hinge collapses (every score equal, loss = 2 B margin); after 1000 steps of
 #   all-negatives it trains (300 hardest-negative steps at lr 3e-4: held-out t2i R@1 28.0 -> 29.0);
