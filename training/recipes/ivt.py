@@ -51,19 +51,19 @@ OFFICIAL: Config = {
 # random weights instead of IVT's pre-trained one:
 # - Adam at lr 1e-3 (same groups, same schedule shape): the official SGD (lr 0.005, no temperature in CMPM)
 #   collapses or crawls from random weights within a few hundred steps;
-# - 5 epochs (about 1250 steps, about 6.5 min on one idle CPU thread), cosine over those 5, no warm-up;
+# - 4 epochs (about 1000 steps, 0.37 s each on one CPU thread at load 2.5: about 6 min), cosine over those 4;
 # - no BMM token dropping, no drop-path, no text-embedding dropout: regularisers for a long fine-tune that only
 #   slowed this short run (at 400 steps: CMPM 10.4 without them against 13.9 with them after 1248 steps).
 DEMO: Config = {
     **OFFICIAL,
-    "epochs": 5, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
-    "cosine_epochs": 5, "use_bmm": False,
+    "epochs": 4, "batch_size": 32, "seed": 0, "log_every": 10, "optimizer": "adam", "lr": 1e-3, "warmup_epochs": 0,
+    "cosine_epochs": 4, "use_bmm": False,
     "model": {"image_size": [96, 32], "patch_size": 16, "stride": 16, "embed_dim": 64, "depth": 4,
               "num_heads": 1, "mlp_hidden_dim": 256, "drop_path_rate": 0.0, "text_dropout": 0.0,
               "max_position_embeddings": 64},
     "max_text_tokens": 64, "export_fp16": True,
     "demo_note": "from random weights (no IVT pre-training); shared encoder width 64, 4 layers, 1 head, 16 px "
-                 "patches at 96x32; Adam lr 1e-3 (official SGD 0.005), cosine over 5 epochs, no warm-up, batch "
+                 "patches at 96x32; Adam lr 1e-3 (official SGD 0.005), cosine over 4 epochs, no warm-up, batch "
                  "32 (8 ids x 4); no BMM, drop-path or text dropout; fp16 export; person data generator 2 "
                  "(plain scenes)",
 }
