@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", nargs="+", default=["vit", "swin"], choices=["vit", "swin"])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=5000)
-    parser.add_argument("--image-chunk", type=int, default=16)
+    parser.add_argument("--image-chunk", type=int, default=8)
     parser.add_argument("--loop-threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1,
                         help="score_matrix workers: Python threads with one torch thread each (default: torch's "

@@ -478,45 +478,41 @@ def _keep_from_float32(score: Tensor, keep_k: int, exact_score: Callable[[Tensor
     return keep.view(score.shape)
 
 
-def score_block_reassociated(
-    images: LapsImageState,
-    captions: LapsCaptionState,
-    keep_k: int,
-    selection: str = "official",
-    paper: PaperSelection | None = None,
-    factors: ReassociatedImageFactors | None = None,
-    num_bands: int = 4,
-) -> Tensor:
-    """Inference-only LAPS scores [I, T] of one block, reassociated so that almost all work is large GEMMs.
+@dataclass
+class ReassociatedSelection:
+    """The text-dependent per-pair quantities that do not involve the words themselves, for T captions x I images:
+    the keep mask and the fused-token weights [T, I, N] and the reciprocal norms of the unnormalised aggregated
+    tokens [T, I, Nc] and fused token [T, I] (``F.normalize``'s eps folded in)."""
 
-    Same result as :func:`score_block` (to float32 rounding) without forming any aggregated token:
+    keep: Tensor
+    fuse: Tensor
+    aggr_scale: Tensor
+    fused_scale: Tensor
 
-    - token-word similarity ``<Y_c, w> = sum_k a_ck <P_k, w>`` (Y_c the unnormalised token): one GEMM of all
-      patches with all words (``PW``, N*C*L multiply-adds per pair), then the masked aggregation weights applied
-      to ``PW`` (Nc*N*L);
-    - token norm ``|Y_c| = |R (e_c * m)|`` with ``m`` the 0/1 keep mask and R from ``P^T = QR``: one GEMM of the
-      masks with the text-independent panels ``R diag(e_c)``, cut into row bands so the zero lower triangle of R
-      is mostly skipped (about 0.6 * Nc*N*N);
-    - the fused token likewise, with its weights and R.
+    def rows(self, start: int, end: int) -> ReassociatedSelection:
+        return ReassociatedSelection(self.keep[start:end], self.fuse[start:end], self.aggr_scale[start:end],
+                                     self.fused_scale[start:end])
 
-    About (N*C*L + 0.6*Nc*N^2) multiply-adds per pair instead of Nc*N*C for the tokens alone, and no per-pair
-    gather. Falls back to :func:`score_block` where exp-shifted aggregation weights could underflow.
-    """
-    if selection not in ("official", "paper"):
-        raise ValueError(f"unknown selection {selection!r}")
+
+def reassociation_applies(images: LapsImageState) -> bool:
+    """The reassociated scorer runs on the CPU and needs exp-shifted aggregation weights that cannot underflow."""
     logits = images.aggr_logits
-    spread = (logits.amax(dim=1) - logits.amin(dim=1)).max() if logits.numel() else 0.0
-    if float(spread) >= SAFE_LOGIT_RANGE or images.patches.device.type != "cpu":
-        return score_block(images, captions, keep_k, selection, paper).scores
-    if factors is None:
-        factors = ReassociatedImageFactors.build(images, num_bands)
-    num_img, num_cap = len(images), len(captions)
-    num_patches, dim, num_slots = images.num_patches, images.dim, images.num_aggregated
-    words = captions.words_norm  # [T, L, C], zero rows past each length
-    num_words = words.shape[1]
-    word_rows = words.reshape(num_cap * num_words, dim)
-    # 1. selection: s = <norm(mean P), P^_k> + <norm(mean T), P^_k> [T, I, N]
-    score = torch.matmul(captions.global_norm, factors.patches_norm_t).view(num_cap, num_img, num_patches)
+    spread = float((logits.amax(dim=1) - logits.amin(dim=1)).max()) if logits.numel() else 0.0
+    return images.patches.device.type == "cpu" and spread < SAFE_LOGIT_RANGE
+
+
+def reassociated_selection(images: LapsImageState, text_queries: Tensor, keep_k: int, factors: ReassociatedImageFactors,
+                           selection: str = "official", paper: PaperSelection | None = None,
+                           caption_chunk: int = 256) -> ReassociatedSelection:
+    """Selection, fused-token weights and token norms for the text queries ``norm(mean T)`` [T, C].
+
+    Token norms: ``|Y_c| = |R (e_c * m)|`` with ``m`` the 0/1 keep mask: one GEMM per row band of R of the masks
+    with the text-independent panels ``R diag(e_c)`` (the zero lower triangle of R mostly skipped); the fused token
+    likewise with its weights. Captions go in chunks of ``caption_chunk`` (tall GEMMs, bounded memory).
+    """
+    num_img, num_cap, num_patches = len(images), text_queries.shape[0], images.num_patches
+    # s = <norm(mean P), P^_k> + <norm(mean T), P^_k> [T, I, N]
+    score = torch.matmul(text_queries, factors.patches_norm_t).view(num_cap, num_img, num_patches)
     score = score + images.self_score.float()[None]
     if selection == "official":
         def exact_score(rows: Tensor) -> Tensor:
@@ -525,48 +521,98 @@ def score_block_reassociated(
             exact = torch.empty(len(rows), num_patches, dtype=torch.float64)
             for image in i.unique().tolist():
                 pick = (i == image).nonzero()[:, 0]
-                queries = captions.global_norm[t[pick]].double()
+                queries = text_queries[t[pick]].double()
                 exact[pick] = images.patches_norm[image].double().matmul(queries.T).T + images.self_score[image]
             return exact
 
         keep = _keep_from_float32(score, keep_k, exact_score)
-    else:
+    elif selection == "paper":
         if images.patch_prior is None or paper is None:
             raise ValueError("paper selection needs image states with patch_prior and PaperSelection params")
-        score_st = torch.einsum("inc,tc->tin", images.patches_norm.double(), captions.global_norm.double())
+        score_st = torch.einsum("inc,tc->tin", images.patches_norm.double(), text_queries.double())
         keep = _paper_keep(score_st, images.self_score[None], images.patch_prior[None], paper, False)
         score = (images.self_score[None] + score_st).float()
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
     fuse = torch.exp(score - score.amax(dim=-1, keepdim=True)) * (1.0 - keep)  # [T, I, N]; |s| <= 2
+    aggr_scale = torch.empty(num_cap, num_img, images.num_aggregated)
+    fused_scale = torch.empty(num_cap, num_img)
+    for i in range(num_img):
+        weights = factors.slot_weights[i]  # [Nc, N]
+        for t0 in range(0, num_cap, caption_chunk):
+            keep_i, fuse_i = keep[t0:t0 + caption_chunk, i], fuse[t0:t0 + caption_chunk, i]  # [t, N]
+            band_norms = [
+                torch.linalg.vector_norm(
+                    torch.matmul(keep_i[:, start:], panel).view(len(keep_i), images.num_aggregated, -1), dim=-1)
+                for start, panel in zip(factors.band_starts, factors.norm_panels[i], strict=True)
+            ]
+            aggr_norm = torch.linalg.vector_norm(torch.stack(band_norms, dim=-1), dim=-1)  # [t, Nc]
+            fused_norm = torch.linalg.vector_norm(fuse_i @ factors.triangular[i].T, dim=-1)  # [t]
+            aggr_scale[t0:t0 + caption_chunk, i] = 1.0 / torch.maximum(
+                aggr_norm, 1e-12 * (keep_i @ weights.T)).clamp_min(1e-30)
+            fused_scale[t0:t0 + caption_chunk, i] = 1.0 / torch.maximum(
+                fused_norm, 1e-12 * fuse_i.sum(dim=-1)).clamp_min(1e-30)
+    return ReassociatedSelection(keep, fuse, aggr_scale, fused_scale)
+
+
+def score_block_reassociated(
+    images: LapsImageState,
+    captions: LapsCaptionState,
+    keep_k: int,
+    selection: str = "official",
+    paper: PaperSelection | None = None,
+    factors: ReassociatedImageFactors | None = None,
+    num_bands: int = 4,
+    selected: ReassociatedSelection | None = None,
+) -> Tensor:
+    """Inference-only LAPS scores [I, T] of one block, reassociated so that almost all work is large GEMMs.
+
+    Same result as :func:`score_block` (to float32 rounding) without forming any aggregated token:
+
+    - token-word similarity ``<Y_c, w> = sum_k a_ck <P_k, w>`` (Y_c the unnormalised token): one GEMM of all
+      patches with all words (``PW``, N*C*L multiply-adds per pair), then the masked aggregation weights applied
+      to ``PW`` (Nc*N*L);
+    - token norms from R of ``P^T = QR`` (:func:`reassociated_selection`, about 0.6 * Nc*N*N; pass ``selected``
+      when it was computed for many captions at once);
+    - the fused token likewise, with its weights.
+
+    About (N*C*L + 0.6*Nc*N^2) multiply-adds per pair instead of Nc*N*C for the tokens alone, and no per-pair
+    gather. Falls back to :func:`score_block` where exp-shifted aggregation weights could underflow.
+    """
+    if selection not in ("official", "paper"):
+        raise ValueError(f"unknown selection {selection!r}")
+    if not reassociation_applies(images):
+        return score_block(images, captions, keep_k, selection, paper).scores
+    if factors is None:
+        factors = ReassociatedImageFactors.build(images, num_bands)
+    if selected is None:
+        selected = reassociated_selection(images, captions.global_norm, keep_k, factors, selection, paper)
+    num_img, num_cap = len(images), len(captions)
+    num_patches, dim, num_slots = images.num_patches, images.dim, images.num_aggregated
+    words = captions.words_norm  # [T, L, C], zero rows past each length
+    num_words = words.shape[1]
+    word_rows = words.reshape(num_cap * num_words, dim)
     cls_sims = None
     if images.cls_norm is not None:  # the CLS token takes part in the matching only
         cls_sims = torch.matmul(word_rows, images.cls_norm.T).view(num_cap, num_words, num_img)
     word_mask = captions.word_mask  # [T, L]
     hide_padding = ~word_mask[:, :, None]
-    lengths = captions.lengths.to(score.dtype)
+    lengths = captions.lengths.to(torch.float32)
     num_tokens = num_slots + 1 + (cls_sims is not None)
-    # 2. patch-word similarities [T, L, I, N]: one GEMM for the block
+    # patch-word similarities [T, L, I, N]: one GEMM for the block
     all_patch_words = torch.matmul(word_rows, factors.patches_t).view(num_cap, num_words, num_img, num_patches)
     all_patch_words = all_patch_words.transpose(1, 2)  # [T, I, L, N] (a view)
     out = torch.empty(num_img, num_cap, dtype=torch.float32)
     for i in range(num_img):
-        keep_i, fuse_i, weights = keep[:, i], fuse[:, i], factors.slot_weights[i]  # [T, N], [T, N], [Nc, N]
+        keep_i, fuse_i, weights = selected.keep[:, i], selected.fuse[:, i], factors.slot_weights[i]
         # the fused token's and the aggregated tokens' similarities from the patch-word ones: sum_k a_k <P_k, w>
         patch_words = all_patch_words[:, i]  # [T, L, N]
         fused_sims = torch.bmm(patch_words, fuse_i[:, :, None])[..., 0]  # [T, L]
         masked = (patch_words * keep_i[:, None, :]).reshape(num_cap * num_words, num_patches)
         aggr_sims = torch.matmul(masked, weights.T).view(num_cap, num_words, num_slots)
-        # 3. unnormalised-token norms |R (e_c * m)| by row bands of R, the fused |R w|, and the weight sums
-        band_norms = [
-            torch.linalg.vector_norm(torch.matmul(keep_i[:, start:], panel).view(num_cap, num_slots, -1), dim=-1)
-            for start, panel in zip(factors.band_starts, factors.norm_panels[i], strict=True)
-        ]
-        aggr_norm = torch.linalg.vector_norm(torch.stack(band_norms, dim=-1), dim=-1)  # [T, Nc]
-        fused_norm = torch.linalg.vector_norm(fuse_i @ factors.triangular[i].T, dim=-1)  # [T]
-        aggr_scale = 1.0 / torch.maximum(aggr_norm, 1e-12 * (keep_i @ weights.T)).clamp_min(1e-30)
-        fused_scale = 1.0 / torch.maximum(fused_norm, 1e-12 * fuse_i.sum(dim=-1)).clamp_min(1e-30)
-        # 4. matching: A = LeakyReLU(W^ V^T); mean over words of the best token + mean over tokens of the best word
-        aggr_sims = F.leaky_relu(aggr_sims * aggr_scale[:, None, :], negative_slope=LEAKY_RELU_SLOPE)
-        extra = [fused_sims * fused_scale[:, None]]
+        # matching: A = LeakyReLU(W^ V^T); mean over words of the best token + mean over tokens of the best word
+        aggr_sims = F.leaky_relu(aggr_sims * selected.aggr_scale[:, i, None, :], negative_slope=LEAKY_RELU_SLOPE)
+        extra = [fused_sims * selected.fused_scale[:, i, None]]
         if cls_sims is not None:
             extra.append(cls_sims[:, :, i])
         extra_sims = F.leaky_relu(torch.stack(extra, dim=-1), negative_slope=LEAKY_RELU_SLOPE)  # [T, L, E]
@@ -636,7 +682,7 @@ def score_matrix(
     selection: str = "official",
     paper: PaperSelection | None = None,
     max_chunk_bytes: int = 256 * 2**20,
-    image_chunk: int = 16,
+    image_chunk: int = 8,
     progress: Callable[[int], None] | None = None,
     max_block_words: int = 2048,
     workers: int = 1,
@@ -671,12 +717,21 @@ def score_matrix(
     runs = [(t0, t1, captions.select(order[t0:t1].to(captions.lengths.device)))
             for t0, t1 in _caption_chunks(captions.lengths[order].tolist(), budget)]
 
+    sorted_queries = captions.global_norm[order.to(captions.global_norm.device)]
+
     def score_image_chunk(i0: int) -> None:
         with torch.no_grad():
             img_block = images.select(slice(i0, min(i0 + image_chunk, num_img)))
+            if not reassociation_applies(img_block):
+                _score_chunk_direct(img_block, i0, captions, order, keep_k, selection, paper, max_chunk_bytes, out,
+                                    progress)
+                return
             factors = ReassociatedImageFactors.build(img_block)
+            # selection and token norms for all captions at once (tall GEMMs), in caption-length order
+            selected = reassociated_selection(img_block, sorted_queries, keep_k, factors, selection, paper)
             for t0, t1, block_captions in runs:
-                block = score_block_reassociated(img_block, block_captions, keep_k, selection, paper, factors)
+                block = score_block_reassociated(img_block, block_captions, keep_k, selection, paper, factors,
+                                                 selected=selected.rows(t0, t1))
                 out[i0:i0 + len(img_block), order[t0:t1]] = block
                 if progress is not None:
                     progress(len(img_block) * (t1 - t0))
