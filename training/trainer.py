@@ -50,6 +50,21 @@ Losses = dict[str, torch.Tensor]
 # What a method provides
 
 
+
+def init_dense_layers(model: nn.Module, init_linear_weight: Callable[[nn.Linear], None]) -> None:
+    """The from-scratch initialisation shared by the demo presets: ``init_linear_weight`` on every Linear, zero
+    Linear biases, Embedding N(0, 0.02) (BERT / ViT), LayerNorm weight 1 and bias 0 (modules in model order)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            init_linear_weight(module)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
 @dataclass
 class StepContext:
     """Where the loop is, for losses that depend on it (LAPS's first-epoch warm-up, schedules in losses)."""

@@ -35,7 +35,7 @@ from models.deformable_attention import MSDeformAttn
 from models.magnet import MagNet, MagNetConfig, tokenize_expressions
 from models.tokenizers import bert_tokenizer
 from training.datasets import ReferDataset, magnet_train_transform, read_refer
-from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, poly
+from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, init_dense_layers, poly
 
 MASK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 103, 101, 102, 0
 
@@ -164,16 +164,7 @@ def scratch_init(model: nn.Module) -> None:
     N(0, 0.02) with zero biases (Swin / BERT / Mask2Former), Embedding N(0, 0.02) (BERT), LayerNorm 1 / 0, and
     Deformable DETR's ``MSDeformAttn._reset_parameters`` (zero offset weights with a ring of initial sampling
     directions as biases, uniform attention weights, Xavier value / output projections)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_dense_layers(model, lambda linear: nn.init.trunc_normal_(linear.weight, std=0.02))
     for module in model.modules():
         if isinstance(module, MSDeformAttn):
             nn.init.zeros_(module.sampling_offsets.weight)

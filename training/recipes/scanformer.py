@@ -25,7 +25,16 @@ from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, s
 from models.tokenizers import bert_tokenizer
 from models.vilt import ViltConfig
 from training.datasets import ReferDataset, read_refer, scanformer_train_transform
-from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, linear_warmup_decay
+from training.trainer import (
+    Batch,
+    Config,
+    Losses,
+    Recipe,
+    StepContext,
+    group_by,
+    init_dense_layers,
+    linear_warmup_decay,
+)
 
 OFFICIAL: Config = {
     "dataset": "refcoco", "split_by": "unc", "epochs": 20, "batch_size": 256, "num_workers": 0,
@@ -87,16 +96,7 @@ def scratch_init(model: ScanFormer, std: float = 0.0) -> None:
     of steps), zero biases; Embedding N(0, 0.02) (PyTorch's N(0, 1) modality vector drowned the patch
     content); LayerNorm 1/0; class token N(0, 0.02); a fixed 2D sin-cos ``pos_embed`` grid (the zero grid a
     checkpoint would overwrite carries no position, so the [REG] token could not localise)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std if std else module.in_features ** -0.5)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_dense_layers(model, lambda linear: nn.init.normal_(linear.weight, std=std or linear.in_features ** -0.5))
     nn.init.constant_(model.select_head.fc2.bias, model.cfg.select_bias_init)
     transformer = model.transformer
     nn.init.trunc_normal_(transformer.cls_token, std=0.02)
