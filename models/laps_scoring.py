@@ -398,15 +398,21 @@ def score_block(
     if images.cls_norm is not None:  # the CLS token takes part in the matching only
         extra.append(torch.einsum("ic,tlc->itl", images.cls_norm, captions.words_norm))
     extra_sims = F.leaky_relu(torch.stack(extra, dim=2), negative_slope=LEAKY_RELU_SLOPE)  # [I, T, 1|2, L]
-    word_mask = captions.word_mask  # [T, L]
-    best_token_per_word = torch.maximum(aggr_sims.amax(dim=2), extra_sims.amax(dim=2))  # [I, T, L]
-    hide_padding = ~word_mask[None, :, None, :]
+    scores = mean_of_max_score(aggr_sims, extra_sims, captions.word_mask, captions.lengths)
+    return BlockResult(scores=scores, keep=keep if return_keep else None)
+
+
+def mean_of_max_score(aggr_sims: Tensor, extra_sims: Tensor, word_mask: Tensor, lengths: Tensor) -> Tensor:
+    """``mean_words max_tokens A + mean_tokens max_words A`` (``mask_xattn_one_text``) from LeakyReLU'd matching
+    scores laid out [..., tokens, words]: the aggregated tokens and the extra ones (fused, CLS) given apart so
+    neither needs a concatenated copy. ``word_mask`` [T, L] and ``lengths`` [T] describe the captions, whose
+    axis is the last one of ``...``; padding words take part in neither maximum."""
+    hide_padding = ~word_mask.unsqueeze(-2)  # [T, 1, L]
+    best_token_per_word = torch.maximum(aggr_sims.amax(dim=-2), extra_sims.amax(dim=-2))  # [..., L]
     token_sum = (aggr_sims.masked_fill(hide_padding, float("-inf")).amax(dim=-1).sum(dim=-1)
                  + extra_sims.masked_fill(hide_padding, float("-inf")).amax(dim=-1).sum(dim=-1))
-    num_tokens = num_slots + len(extra)
-    lengths = captions.lengths.to(aggr_sims.dtype)
-    word_term = (best_token_per_word * word_mask[None]).sum(dim=-1) / lengths[None]
-    return BlockResult(scores=word_term + token_sum / num_tokens, keep=keep if return_keep else None)
+    word_term = (best_token_per_word * word_mask).sum(dim=-1) / lengths.to(aggr_sims.dtype)
+    return word_term + token_sum / (aggr_sims.shape[-2] + extra_sims.shape[-2])
 
 
 # float32 selection scores within this of the K-th / (K+1)-th boundary are re-decided in float64 (the float32
@@ -596,9 +602,6 @@ def score_block_reassociated(
     if images.cls_norm is not None:  # the CLS token takes part in the matching only
         cls_sims = torch.matmul(word_rows, images.cls_norm.T).view(num_cap, num_words, num_img)
     word_mask = captions.word_mask  # [T, L]
-    hide_padding = ~word_mask[:, :, None]
-    lengths = captions.lengths.to(torch.float32)
-    num_tokens = num_slots + 1 + (cls_sims is not None)
     # patch-word similarities [T, L, I, N]: one GEMM for the block
     all_patch_words = torch.matmul(word_rows, factors.patches_t).view(num_cap, num_words, num_img, num_patches)
     all_patch_words = all_patch_words.transpose(1, 2)  # [T, I, L, N] (a view)
@@ -616,11 +619,7 @@ def score_block_reassociated(
         if cls_sims is not None:
             extra.append(cls_sims[:, :, i])
         extra_sims = F.leaky_relu(torch.stack(extra, dim=-1), negative_slope=LEAKY_RELU_SLOPE)  # [T, L, E]
-        best_token = torch.maximum(aggr_sims.amax(dim=-1), extra_sims.amax(dim=-1))  # [T, L]
-        token_sum = (aggr_sims.masked_fill(hide_padding, float("-inf")).amax(dim=1).sum(dim=-1)
-                     + extra_sims.masked_fill(hide_padding, float("-inf")).amax(dim=1).sum(dim=-1))
-        word_term = (best_token * word_mask).sum(dim=-1) / lengths
-        out[i] = word_term + token_sum / num_tokens
+        out[i] = mean_of_max_score(aggr_sims.transpose(1, 2), extra_sims.transpose(1, 2), word_mask, captions.lengths)
     return out
 
 
