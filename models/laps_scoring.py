@@ -440,7 +440,7 @@ class ReassociatedImageFactors:
     norm_panels: list[list[Tensor]]
 
     @staticmethod
-    def build(images: LapsImageState, num_bands: int = 4) -> ReassociatedImageFactors:
+    def build(images: LapsImageState, num_bands: int = 8) -> ReassociatedImageFactors:
         patches = images.patches
         num_img, num_patches, _ = patches.shape
         logits = images.aggr_logits.transpose(1, 2)  # [I, Nc, N]
@@ -568,7 +568,7 @@ def score_block_reassociated(
     selection: str = "official",
     paper: PaperSelection | None = None,
     factors: ReassociatedImageFactors | None = None,
-    num_bands: int = 4,
+    num_bands: int = 8,
     selected: ReassociatedSelection | None = None,
 ) -> Tensor:
     """Inference-only LAPS scores [I, T] of one block, reassociated so that almost all work is large GEMMs.
