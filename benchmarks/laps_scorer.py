@@ -11,15 +11,16 @@ caption has 95 tokens (capped at 90). The aggregation MLP is filled by the parit
 
 The vectorised scorer (``score_matrix``: on the CPU ``score_block_reassociated``, which turns the per-pair work
 into large GEMMs - patch x word similarities and QR-banded token norms) scores all images x captions on
-``--threads`` threads (default: all cores; or ``--workers`` Python threads with one torch thread each). The
-per-pair loop (``score_pair_reference``: gather, MLP on the kept
-patches, softmax, bmm, as the official code per pair) runs on a subset, interleaved with the vectorised image
-chunks so both see the same machine load; its rate is extrapolated to the full matrix; it runs on one thread (its
-ops are tiny: a second thread only adds synchronisation, which costs whole scheduler slices when the machine is
-busy). ``--loop-threads`` changes that. A third baseline is the official evaluation strategy
-(``score_matrix_per_caption``: a loop over captions, each against a 256-image shard at once), on
-min(images, 256) x ``--official-captions``. The script prints the rates (pairs/s), the ratios, the largest score
-differences, and peak memory: the scorer's working-set increase over the stored states
+``--threads`` cores (default: all), as ``--workers`` Python threads with one torch thread each, like the
+evaluation CLI (``--workers 1``: torch's intra-op threads, as the service scores). The per-pair loop
+(``score_pair_reference``: gather, MLP on the kept patches, softmax, bmm, as the official code per pair) runs on
+a subset, interleaved with the vectorised image chunks so both see the same machine load; its rate is
+extrapolated to the full matrix; it runs on one thread (its ops are tiny: a second thread only adds
+synchronisation, which costs whole scheduler slices when the machine is busy). ``--loop-threads`` changes that.
+A third baseline is the official evaluation strategy (``score_matrix_per_caption``: a loop over captions, each
+against a 256-image shard at once), on min(images, 256) x ``--official-captions``. The script prints the rates
+(pairs/s), the ratios, the largest score differences, and peak memory: the scorer's working-set increase over
+the stored states
 (peak RSS during scoring, reset through ``/proc/self/clear_refs``, minus RSS before; ``max_memory_allocated``
 on CUDA) next to the states' own size.
 """
@@ -203,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", type=int, default=5000)
     parser.add_argument("--image-chunk", type=int, default=8)
     parser.add_argument("--loop-threads", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="score_matrix workers: Python threads with one torch thread each (default: torch's "
-                             "intra-op threads)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="score_matrix workers: Python threads with one torch thread each (default: --threads, "
+                             "as the evaluation CLI does; 1 = torch's intra-op threads)")
     parser.add_argument("--loop-pairs-per-chunk", type=int, default=40)
     parser.add_argument("--official-captions", type=int, default=40,
                         help="captions for the official-strategy baseline (x min(images, 256))")
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.workers is None:
+        args.workers = args.threads
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"LAPS scorer benchmark: {args.images} images x {args.captions} captions, device {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}")
