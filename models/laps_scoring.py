@@ -324,10 +324,9 @@ SAFE_LOGIT_RANGE = 80.0
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def _inverse_norm(tokens: Tensor, weight_sums: Tensor) -> Tensor:
-    """``1 / max(|x|, 1e-12 * d)``: with unnormalised weights summing to ``d``, ``x * this`` equals
+def _inverse_norm(norms: Tensor, weight_sums: Tensor) -> Tensor:
+    """``1 / max(|x|, 1e-12 * d)`` from ``|x|``: with unnormalised weights summing to ``d``, ``x * this`` equals
     ``F.normalize(x / d)`` (eps 1e-12) exactly in exact arithmetic."""
-    norms = torch.linalg.vector_norm(tokens, dim=-1)
     return 1.0 / torch.maximum(norms, 1e-12 * weight_sums).clamp_min(1e-30)
 
 
@@ -388,8 +387,8 @@ def score_block(
     aggregated = torch.bmm(aggr.reshape(num_img, num_cap * num_slots, num_patches), images.patches)
     aggregated = aggregated.view(num_img, num_cap, num_slots, dim)
     fused = torch.bmm(fuse, images.patches)
-    aggr_scale = _inverse_norm(aggregated, aggr_sums)
-    fused_scale = _inverse_norm(fused, fuse.sum(dim=-1))
+    aggr_scale = _inverse_norm(torch.linalg.vector_norm(aggregated, dim=-1), aggr_sums)
+    fused_scale = _inverse_norm(torch.linalg.vector_norm(fused, dim=-1), fuse.sum(dim=-1))
     # 4. patch-word matching (mask_xattn_one_text): A = LeakyReLU(W^ V^T), V = [cls, Y_1..Y_Nc, f]
     words_t = captions.words_norm.transpose(1, 2)  # [T, C, L]
     aggr_sims = torch.stack([torch.bmm(aggregated[i], words_t) for i in range(num_img)])  # [I, T, Nc, L]
@@ -433,7 +432,6 @@ class ReassociatedImageFactors:
 
     patches_t: Tensor
     patches_norm_t: Tensor
-    patch_norms: Tensor
     slot_weights: Tensor
     triangular: Tensor
     band_starts: list[int]
@@ -460,7 +458,7 @@ class ReassociatedImageFactors:
         return ReassociatedImageFactors(
             patches_t=patches.reshape(num_img * num_patches, -1).T.contiguous(),
             patches_norm_t=images.patches_norm.reshape(num_img * num_patches, -1).T.contiguous(),
-            patch_norms=patches.norm(dim=-1).clamp_min(1e-12), slot_weights=slot_weights,
+            slot_weights=slot_weights,
             triangular=triangular, band_starts=starts, norm_panels=panels,
         )
 
@@ -554,10 +552,8 @@ def reassociated_selection(images: LapsImageState, text_queries: Tensor, keep_k:
             ]
             aggr_norm = torch.linalg.vector_norm(torch.stack(band_norms, dim=-1), dim=-1)  # [t, Nc]
             fused_norm = torch.linalg.vector_norm(fuse_i @ factors.triangular[i].T, dim=-1)  # [t]
-            aggr_scale[t0:t0 + caption_chunk, i] = 1.0 / torch.maximum(
-                aggr_norm, 1e-12 * (keep_i @ weights.T)).clamp_min(1e-30)
-            fused_scale[t0:t0 + caption_chunk, i] = 1.0 / torch.maximum(
-                fused_norm, 1e-12 * fuse_i.sum(dim=-1)).clamp_min(1e-30)
+            aggr_scale[t0:t0 + caption_chunk, i] = _inverse_norm(aggr_norm, keep_i @ weights.T)
+            fused_scale[t0:t0 + caption_chunk, i] = _inverse_norm(fused_norm, fuse_i.sum(dim=-1))
     return ReassociatedSelection(keep, fuse, aggr_scale, fused_scale)
 
 
