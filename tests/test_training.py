@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -199,3 +200,52 @@ def test_laps_hinge_uses_all_negatives_with_warmup_then_the_hardest() -> None:
     assert not bool(middle["hardest_negative"]) and bool(later["hardest_negative"])
     assert float(middle["align_loss"]) > 0
     assert float(later["align_loss"]) <= 2 * float(middle["align_loss"])  # hardest-only <= sum of all (x alpha)
+
+
+# ----------------------------------------------------------------------------------- demo export compaction
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_compacted_demo_export_gives_the_same_outputs_on_the_demo_texts(method: str, data_root: Path,
+                                                                        tmp_path: Path) -> None:
+    """``training.demo.compact_vocabulary`` zeroes only vocabulary rows the synthetic texts never use and
+    deflates the file: the service adapter loads it and gives the same outputs on those texts."""
+    import shutil
+    import zipfile
+
+    from training.demo import METHOD_DATA, compact_vocabulary, synthetic_texts
+
+    recipe = get_recipe(method)
+    kind = METHOD_DATA[method]
+    config = tiny_config(method, epochs=100)
+    result = train(recipe, data_root / kind, tmp_path / "run", config, max_steps=1, progress=False)
+    compacted = tmp_path / "compact.pth"
+    shutil.copyfile(result.export_path, compacted)
+    texts = synthetic_texts(data_root / kind, kind)
+    keep = recipe.text_token_ids(texts, config)
+    kept, rows = compact_vocabulary(compacted, recipe.word_embedding_key, keep)
+    assert 10 < kept == len(keep) < rows / 20
+    assert compacted.stat().st_size < 0.7 * result.export_path.stat().st_size
+    with zipfile.ZipFile(compacted) as archive:
+        assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in archive.infolist())
+
+    original, task = _load_adapter(method, result.export_path)
+    small, _ = _load_adapter(method, compacted)
+    dropped = sorted(set(range(rows)) - keep)[:50]
+    sample = texts[:3]
+    image = Image.new("RGB", (48, 96), (200, 30, 30))
+    with torch.no_grad():
+        if task == "search":
+            assert np.array_equal(np.asarray(original.encode_texts(sample)), np.asarray(small.encode_texts(sample)))
+        elif task == "ground":
+            def boxes(model: Any) -> list[Any]:
+                return [(r["box_xyxy"], r["per_scale_boxes"]) for r in model.ground(image, sample)]
+
+            assert boxes(original) == boxes(small)
+        else:
+            for a, b in zip(original.segment(image, sample), small.segment(image, sample), strict=True):
+                assert (a == b).all()
+    (vocab, before) = ([v for v in _adapter_module(model).state_dict().values() if v.dim() == 2 and v.shape[0] == rows]
+                       for model in (small, original))
+    assert not vocab[0][dropped].any() and before[0][dropped].any()
+    assert torch.equal(vocab[0][sorted(keep)], before[0][sorted(keep)])

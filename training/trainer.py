@@ -91,6 +91,7 @@ class Recipe:
     export_name: str = "model.pth"
     ddp_find_unused_parameters: bool = True  # parameters outside the loss (unused heads) need it under DDP
     configs: dict[str, Config] = {}
+    word_embedding_key: str = ""  # the exported state dict's vocabulary table (``training.demo`` compacts it)
 
     # -- configuration
     def config(self, preset: str = "official", **overrides: Any) -> Config:
@@ -137,6 +138,17 @@ class Recipe:
     def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
         """Write the file the service adapter loads (``from_checkpoint``)."""
         raise NotImplementedError
+
+    def text_token_ids(self, texts: list[str], config: Config) -> set[int]:
+        """Every row of the vocabulary table that ``texts`` use: BERT WordPiece ids, [CLS] / [SEP] / [PAD]
+        included (IRRA overrides it with CLIP's BPE)."""
+        from models.tokenizers import bert_tokenizer
+
+        tokenizer = bert_tokenizer()
+        ids = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+        for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.update(encoded)
+        return ids
 
 
 class TrainStep(nn.Module):

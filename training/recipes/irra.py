@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,11 +83,17 @@ class IRRARecipe(Recipe):
     name = "irra"
     schedule_unit = "epoch"
     export_name = "irra.pth"
+    word_embedding_key = "base_model.token_embedding.weight"
     ddp_find_unused_parameters = False  # every parameter is in SDM + ID + MLM
     configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
 
     def model_config(self, config: Config) -> IRRAConfig:
         return IRRAConfig.from_dict(config["model"])
+
+    def text_token_ids(self, texts: list[str], config: Config) -> set[int]:
+        """CLIP BPE ids (SOT, EOT and the zero padding included) at the model's context length."""
+        tokens = irra_tokenizer(self.model_config(config).context_length)(texts)
+        return {int(i) for i in np.unique(tokens)}
 
     def build_model(self, config: Config) -> nn.Module:
         return IRRA(self.model_config(config))

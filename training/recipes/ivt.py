@@ -133,6 +133,7 @@ class IVTRecipe(Recipe):
     name = "ivt"
     schedule_unit = "epoch"
     export_name = "ivt.pth"
+    word_embedding_key = "encoder_vl.embeddings.word_embeddings.weight"
     configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
 
     def model_config(self, config: Config) -> IVTConfig:

@@ -107,6 +107,7 @@ class LapsRecipe(Recipe):
     name = "laps"
     schedule_unit = "epoch"
     export_name = "laps.pth"
+    word_embedding_key = "txt_enc.bert.embeddings.word_embeddings.weight"  # official (transformers 4.x) name
     configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
 
     def model_config(self, config: Config) -> LapsConfig:

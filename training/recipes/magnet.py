@@ -195,6 +195,7 @@ class MagNetRecipe(Recipe):
     name = "magnet"
     schedule_unit = "step"
     export_name = "magnet.pth"
+    word_embedding_key = "language_model.embeddings.word_embeddings.weight"
     configs = {"official": OFFICIAL, "paper": PAPER, "demo": DEMO, "tiny": TINY}
 
     def model_config(self, config: Config) -> MagNetConfig:

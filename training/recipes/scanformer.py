@@ -109,6 +109,7 @@ class ScanFormerRecipe(Recipe):
     name = "scanformer"
     schedule_unit = "step"
     export_name = "scanformer.pth"
+    word_embedding_key = "text_embeddings.word_embeddings.weight"
     configs = {"official": OFFICIAL, "demo": DEMO, "tiny": TINY}
 
     def model_config(self, config: Config) -> ScanFormerConfig:
