@@ -421,11 +421,17 @@ def load_irra_checkpoint(path: str | Path, base_config: IRRAConfig | None = None
     Raises ``CheckpointMismatchError`` naming missing, unexpected and mis-shaped keys for a wrong file, and
     ``ValueError`` for a file that holds no state dict. The model comes back in float32 (the file's fp16
     entries are widened exactly); see ``apply_precision`` for the official fp16 placement."""
-    state_dict = checkpoint_filter_fn(load_checkpoint_file(path))
+    checkpoint = load_checkpoint_file(path)
+    state_dict = checkpoint_filter_fn(checkpoint)
     if not any(k.startswith("base_model.") for k in state_dict):
         raise ValueError(f"{Path(path).name} is not an IRRA checkpoint: no 'base_model.*' entries "
                          f"(first keys: {list(state_dict)[:5]})")
     config = config_from_state_dict(state_dict, base_config)
+    heads = checkpoint.get("heads") if isinstance(checkpoint, dict) else None
+    if isinstance(heads, dict):  # files written by training.train; official files follow width // 64
+        config = replace(config, vision_heads=int(heads.get("vision", config.vision_heads)),
+                         text_heads=int(heads.get("text", config.text_heads)),
+                         cross_heads=int(heads.get("cross", config.cross_heads)))
     model = IRRA(config)
     load_state_dict_strict(model, state_dict, source=Path(path).name)
     return model.eval()

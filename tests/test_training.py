@@ -249,3 +249,25 @@ def test_compacted_demo_export_gives_the_same_outputs_on_the_demo_texts(method: 
                        for model in (small, original))
     assert not vocab[0][dropped].any() and before[0][dropped].any()
     assert torch.equal(vocab[0][sorted(keep)], before[0][sorted(keep)])
+
+
+def test_irra_export_records_head_counts_the_width_rule_would_not_give(data_root: Path, tmp_path: Path) -> None:
+    """Official IRRA files carry no head counts (the loader's rule is width // 64); a trained file records
+    them, so a 128-wide tower with 4 heads loads as 4 heads and gives the trained model's features."""
+    config = tiny_config("irra", epochs=100)
+    config["model"].update(vision_width=128, vision_heads=4)
+    result = train(get_recipe("irra"), data_root / "person", tmp_path, config, max_steps=1, progress=False)
+    model, _ = _load_adapter("irra", result.export_path)
+    assert model.model.config.vision_heads == 4 and model.model.config.text_heads == 1
+    image = Image.new("RGB", (16, 48), (30, 200, 30))
+    served = np.asarray(model.encode_images([image]))
+    trained = get_recipe("irra").build_model(torch.load(tmp_path / "last.pth", weights_only=True)["config"])
+    trained.load_state_dict(torch.load(tmp_path / "last.pth", weights_only=True)["model"])
+    wrong_heads = get_recipe("irra").build_model({**config, "model": {**config["model"], "vision_heads": 2}})
+    wrong_heads.load_state_dict(trained.state_dict())
+    pixels = model.pixel_values([image])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(trained.base_model.encode_image(pixels)[:, 0].float(), dim=-1)
+        other = torch.nn.functional.normalize(wrong_heads.base_model.encode_image(pixels)[:, 0].float(), dim=-1)
+    assert np.allclose(served, expected.numpy(), atol=2e-3)
+    assert not np.allclose(served, other.numpy(), atol=2e-3)

@@ -182,5 +182,7 @@ class IRRARecipe(Recipe):
             state = {k: v for k, v in state.items() if k.startswith("base_model.")}
         if config["export_fp16"]:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        heads = {"vision": model.config.vision_heads, "text": model.config.text_heads,
+                 "cross": model.config.cross_heads}  # not in official files (their rule: width // 64)
         torch.save({"model": {k: v.detach().cpu().clone() for k, v in state.items()}, "epoch": info["epoch"],
-                    "iteration": info["step"]}, path)
+                    "iteration": info["step"], "heads": heads}, path)
