@@ -413,7 +413,8 @@ def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] | None = N
     The file is read with ``torch.load(weights_only=True)`` and an explicit allow-list (the official
     ``best_acc`` is a numpy float64); legacy non-zip files, as the official ``save_checkpoint`` writes, work.
     ``image_size`` (H, W) defaults to the file's own ``image_size`` entry (our training recipe writes one;
-    official files have none) and then to the official 384x128.
+    official files have none) and then to the official 384x128; a ``num_heads`` entry (also ours) overrides
+    the official width // 64 head count.
     """
     path = Path(path)
     try:
@@ -428,6 +429,9 @@ def load_ivt_checkpoint(path: str | Path, image_size: tuple[int, int] | None = N
         config = config_from_state_dict(state_dict, image_size)
     except ValueError as exc:
         raise IVTCheckpointError(f"{path.name}: {exc}") from exc
+    stored_heads = checkpoint.get("num_heads") if isinstance(checkpoint, Mapping) else None
+    if stored_heads is not None:  # our training recipe writes it; official files follow width // 64
+        config = _replace(config, num_heads=int(stored_heads))
     model = IVT(config)
     load_state_dict_strict(model, state_dict, source=path.name)
     return model.eval()

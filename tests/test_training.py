@@ -271,3 +271,14 @@ def test_irra_export_records_head_counts_the_width_rule_would_not_give(data_root
         other = torch.nn.functional.normalize(wrong_heads.base_model.encode_image(pixels)[:, 0].float(), dim=-1)
     assert np.allclose(served, expected.numpy(), atol=2e-3)
     assert not np.allclose(served, other.numpy(), atol=2e-3)
+
+
+def test_ivt_export_records_its_head_count(data_root: Path, tmp_path: Path) -> None:
+    """As for IRRA: an IVT file from training.train keeps 4 heads on a 64-wide encoder (the official rule,
+    width // 64, would give 1)."""
+    config = tiny_config("ivt", epochs=100)
+    config["model"]["num_heads"] = 4
+    result = train(get_recipe("ivt"), data_root / "person", tmp_path, config, max_steps=1, progress=False)
+    model, _ = _load_adapter("ivt", result.export_path)
+    assert model.model.config.num_heads == 4
+    assert model.encode_texts(["a person in a red shirt"]).shape[0] == 1

@@ -197,10 +197,10 @@ class IVTRecipe(Recipe):
         return {"cmpm_loss": loss, "t2i_top1": top1.float().mean()}
 
     def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
-        """The official layout (``{'state_dict', 'epoch'}``) plus ``image_size``, which official files lack
-        (their size is the 384x128 default); the demo stores fp16 tensors."""
+        """The official layout (``{'state_dict', 'epoch'}``) plus ``image_size`` and ``num_heads``, which
+        official files lack (384x128, width // 64 heads); the demo stores fp16 tensors."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if config["export_fp16"]:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        torch.save({"state_dict": state, "epoch": info["epoch"],
-                    "image_size": list(config["model"]["image_size"])}, path)
+        torch.save({"state_dict": state, "epoch": info["epoch"], "image_size": list(config["model"]["image_size"]),
+                    "num_heads": int(config["model"]["num_heads"])}, path)
