@@ -46,34 +46,39 @@ OFFICIAL: Config = {
     "mlm_loss_weight": 1.0, "export_fp16": False, "export_training_heads": True,
 }
 
-# Small CLIP towers (ViT-B/16 layout at 96x32 -> 6x2 patches, width 96; text width 32; one head each, as the
-# loader infers heads = width // 64), synthetic data. Deviations from the official recipe, all because the towers
-# start from random weights instead of CLIP:
-# - lr 3e-4 (official 1e-5) with a 1-epoch warm-up at 0.1 x lr, cosine over 11 epochs (2750 steps; 0.13 s each
-#   on one CPU thread at load 1.7: about 6 min);
+# Small CLIP towers (image: ViT layout at 96x32 with 8x8 patches -> 12x4 patches, width 128, 4 layers, 2 heads;
+# text: width 32, 3 layers, 1 head; trained files record the head counts), synthetic data. Deviations from the
+# official recipe, all because the towers start from random weights instead of CLIP:
+# - lr 3e-4 (official 1e-5) with a 1-epoch warm-up at 0.1 x lr, cosine over 14 epochs (3500 steps; about
+#   0.17 s each on one idle CPU thread: about 10 min);
 # - Adam eps 1e-8: the official 1e-3 goes with fp16 weights; with fp32 weights it stalls Adam from scratch;
 # - losses SDM + ITC + ID, no MLM: SDM (+ ID) alone sat at chance for hundreds of steps (text and image features
 #   of every sample nearly equal at init); adding the InfoNCE term (IRRA's own "itc" option) gets out of it, and
 #   dropping MLM (the cross-modal encoder, unused at retrieval) makes a step about 4x cheaper;
 # - no image augmentation (img_aug False): Pad(10) + RandomCrop and RandomErasing up to 40% of a 96x32 crop remove
 #   the small parts (shoes, hat, bag) the descriptions name.
+# Held-out R@1 (person generator 2, 11 epochs unless said): width 96 / 1 head / 16 px patches 26.8; 8 px patches
+# 33.3; width 128 with 2 heads 43.3 (4 heads 43.8, width 192 with 3 heads 44.3); 2 layers 32.3, 4 layers 47.9,
+# 6 layers 45.1; 4 layers and 14 epochs 52.6. In-distribution val R@1 is about 77 at 11 epochs: the gap is the
+# image tower carrying clothing details over to colour pairs never seen in training.
 DEMO: Config = {
     **OFFICIAL,
-    "epochs": 11, "batch_size": 32, "log_every": 10, "seed": 0, "lr": 3e-4, "warmup_epochs": 1,
+    "epochs": 14, "batch_size": 32, "log_every": 10, "seed": 0, "lr": 3e-4, "warmup_epochs": 1,
     "eps": 1e-8, "img_aug": False,
-    "model": {**IRRAConfig().to_dict(), "embed_dim": 64, "image_size": [96, 32], "vision_width": 96,
-              "vision_layers": 3, "vision_heads": 1, "text_width": 32, "text_layers": 3, "text_heads": 1,
-              "cmt_depth": 1, "cross_heads": 1, "loss_names": "sdm+itc+id"},
+    "model": {**IRRAConfig().to_dict(), "embed_dim": 64, "image_size": [96, 32], "patch_size": 8, "stride_size": 8,
+              "vision_width": 128, "vision_layers": 4, "vision_heads": 2, "text_width": 32, "text_layers": 3,
+              "text_heads": 1, "cmt_depth": 1, "cross_heads": 1, "loss_names": "sdm+itc+id"},
     "export_fp16": True, "export_training_heads": False,
-    "demo_note": "from random weights (no CLIP); CLIP towers width 96 (image, 6x2 patches of 16 px at 96x32) and "
-                 "32 (text), 3 layers each, embed 64; losses SDM + ITC + ID (no MLM); Adam lr 3e-4, eps 1e-8, "
-                 "1-epoch warm-up at 0.1 x lr, cosine over 11 epochs, batch 32; no image augmentation; fp16 "
+    "demo_note": "from random weights (no CLIP); image tower width 128, 4 layers, 2 heads, 8 px patches at 96x32; "
+                 "text tower width 32, 3 layers; embed 64; losses SDM + ITC + ID (no MLM); Adam lr 3e-4, eps "
+                 "1e-8, 1-epoch warm-up at 0.1 x lr, cosine over 14 epochs, batch 32; no image augmentation; fp16 "
                  "export without the training heads; person data generator 2 (plain scenes)",
 }
 
 TINY: Config = {
     **DEMO, "epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "img_aug": True,  # tests: every loss
-    "model": {**DEMO["model"], "loss_names": IRRAConfig().loss_names, "image_size": [48, 16], "vision_width": 64,
+    "model": {**DEMO["model"], "loss_names": IRRAConfig().loss_names, "image_size": [48, 16], "patch_size": 16,
+              "stride_size": 16, "vision_width": 64,
               "vision_layers": 1, "vision_heads": 1, "text_width": 32, "text_layers": 1, "embed_dim": 32,
               "cmt_depth": 1, "cross_heads": 1, "context_length": 32},
 }
