@@ -110,7 +110,7 @@ def compact_vocabulary(path: Path, key: str, keep_ids: set[int]) -> tuple[int, i
     """Zero the rows of the vocabulary table ``key`` that no text of the demo data uses (random
     initial values that never received a gradient) and rewrite the checkpoint as a deflate-compressed zip,
     which ``torch.load`` reads as it is. The BERT / CLIP vocabularies (30522 / 49408 rows) are most of a
-    small model's bytes, and the synthetic captions use a few hundred of them. Returns (rows kept, rows)."""
+    small model's bytes, and the synthetic texts use a few dozen of them. Returns (rows kept, rows)."""
     checkpoint = load_checkpoint_file(path)
     state = next(value for value in checkpoint.values() if isinstance(value, dict) and key in value)
     table = state[key]
