@@ -207,4 +207,4 @@ class IVTRecipe(Recipe):
         if config["export_fp16"]:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         torch.save({"state_dict": state, "epoch": info["epoch"], "image_size": list(config["model"]["image_size"]),
-                    "num_heads": int(config["model"]["num_heads"])}, path)
+                    "num_heads": int(model.config.num_heads)}, path)
