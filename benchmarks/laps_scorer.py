@@ -9,21 +9,19 @@ K=40, Nc=23. Patches and words are N(0, 1) plus a shared direction (trained feat
 cosines realistic); caption lengths (with [CLS]/[SEP]) are 2 + Poisson(12), clipped to 4..60, and the first
 caption has 95 tokens (capped at 90). The aggregation MLP is filled by the parity rule (crc32-normal-v1).
 
-The vectorised scorer (``score_matrix``: on the CPU ``score_block_reassociated``, which turns the per-pair work
-into large GEMMs - patch x word similarities and QR-banded token norms) scores all images x captions on
-``--threads`` cores (default: all), as ``--workers`` Python threads with one torch thread each, like the
-evaluation CLI (``--workers 1``: torch's intra-op threads, as the service scores). The per-pair loop
-(``score_pair_reference``: gather, MLP on the kept patches, softmax, bmm, as the official code per pair) runs on
-a subset, interleaved with the vectorised image chunks so both see the same machine load; its rate is
-extrapolated to the full matrix; it runs on one thread (its ops are tiny: a second thread only adds
-synchronisation, which costs whole scheduler slices when the machine is busy). ``--loop-threads`` changes that.
-A third baseline is the official evaluation strategy (``score_matrix_per_caption``: a loop over captions, each
-against a 256-image shard at once), on min(images, 256) x ``--official-captions``. The script prints the rates
-(pairs/s), the ratios, the largest score differences, and peak memory: the scorer's working-set increase over
-the stored states
-(peak RSS during scoring, reset through ``/proc/self/clear_refs``, minus RSS before; ``max_memory_allocated``
-on CUDA) next to the states' own size.
-"""
+The vectorised scorer (``score_matrix``: on the CPU ``score_block_delta``, which scores each pair as a text-free
+base set of kept patches plus a correction over the ~20 patches the caption moves across the K-th place) scores all
+images x captions on ``--threads`` cores (default: all), as ``--workers`` Python threads with one torch thread each,
+like the evaluation CLI (``--workers 1``: torch's intra-op threads, as the service scores). The per-pair loop
+(``score_pair_reference``: gather, MLP on the kept patches, softmax, bmm, as the official code per pair) runs on a
+subset, interleaved with the vectorised image chunks so both see the same machine load; its rate is extrapolated to
+the full matrix; it runs on one thread (its ops are tiny: a second thread only adds synchronisation, which costs
+whole scheduler slices when the machine is busy). ``--loop-threads`` changes that. A third baseline is the official
+evaluation strategy (``score_matrix_per_caption``: a loop over captions, each against a 256-image shard at once), on
+min(images, 256) x ``--official-captions``. The script prints the rates (pairs/s), the ratios, the largest score
+differences, and peak memory: the scorer's working-set increase over the stored states (peak RSS during scoring,
+reset through ``/proc/self/clear_refs``, minus RSS before; ``max_memory_allocated`` on CUDA) next to the states' own
+size. """
 
 from __future__ import annotations
 

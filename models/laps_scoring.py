@@ -16,16 +16,16 @@ the kept tokens). Two block scorers follow:
 
 - :func:`score_block` forms the tokens with batched tensor ops; it is differentiable (training, the paper
   variant's straight-through decisions) and serves the parity cases and CUDA;
-- :func:`score_block_reassociated` (inference on the CPU) never forms a token: by linearity the token-word
-  similarities come from one patch x word GEMM and the token norms from R of ``P^T = QR``, so nearly all of
-  its work is large GEMMs.
+- :func:`score_block_delta` (inference on the CPU) never forms an aggregated token: each pair's kept set is a
+  small difference from a text-free base set, so its token-word similarities and token norms are the base ones
+  (computed once per image, or in one GEMM with all words) plus corrections over the differing patches.
 
 :func:`score_matrix` chunks a large gallery so memory stays bounded. :func:`score_pair_reference` is the
 straightforward per-pair loop body (gather, MLP, softmax, bmm as the official code does) used as the oracle.
 
 Selection decisions follow float64 scores. The top-K set is then a deterministic function of the float32
 embeddings, whatever the batch layout, so the block scorers and the per-pair loop choose identical sets (the
-reassociated scorer ranks in float32 and re-decides in float64 only near the K-th boundary); the official float32
+delta scorer ranks in float32 and re-decides in float64 only near the K-th boundary); the official float32
 code chooses the same set except for pairs whose K-th and (K+1)-th scores are closer than float32 rounding
 (~1e-7), where the official result itself depends on the kernel.
 """
@@ -420,46 +420,49 @@ SELECTION_MARGIN = 6e-5
 
 
 @dataclass
-class ReassociatedImageFactors:
-    """Text-independent factors of one image block for :func:`score_block_reassociated`.
+class DeltaImageFactors:
+    """Text-independent factors of one image block for :func:`score_block_delta`.
 
-    ``patches_t`` are the unnormalised patches of all images transposed [C, I*N] (one GEMM with the words);
-    ``slot_weights`` the exp-shifted aggregation logits ``e_c`` [I, Nc, N]; ``triangular`` R of ``P^T = QR``
-    [I, min(C, N), N], so ``|P^T a| = |R a|`` for any patch weights ``a``; ``norm_panels[i][b]`` hold
-    ``R[r, j] e_c[j]`` for the rows ``r`` of band ``b`` and the columns ``j >=`` the band start (R is upper
-    triangular), laid out [N - start, Nc * rows in band] for one GEMM with the keep masks.
+    The base kept set ``S0`` of each image is the top-K by the image self-score alone. A caption's kept set ``S``
+    differs from it in a few patches (the text term only reorders patches near the K-th place), so every quantity
+    of the aggregated tokens is the base one plus a correction over ``S xor S0``. With ``e_c`` the exp-shifted
+    aggregation weights and ``U0_c = sum_{k in S0} e_ck P_k`` the base (unnormalised) tokens, this holds:
+    ``patches_flat`` [I*N, C] and ``patches_norm_t`` [C, I*N]; ``base_keep`` [I, N]; ``slot_weights_flat``
+    ``e`` laid out [I*N, Nc]; ``base_tokens_t`` ``U0^T`` [C, I*Nc]; ``base_sq_norms`` ``|U0_c|^2`` and
+    ``base_sums`` ``sum_{S0} e_ck`` [I, Nc]; ``base_cross_flat`` ``<U0_c, P_k>`` [I*N, Nc]; ``gram_flat`` the
+    patch Gram matrices ``P P^T`` [I*N*N].
     """
 
-    patches_t: Tensor
+    patches_flat: Tensor
     patches_norm_t: Tensor
-    slot_weights: Tensor
-    triangular: Tensor
-    band_starts: list[int]
-    norm_panels: list[list[Tensor]]
+    base_keep: Tensor
+    slot_weights_flat: Tensor
+    base_tokens_t: Tensor
+    base_sq_norms: Tensor
+    base_sums: Tensor
+    base_cross_flat: Tensor
+    gram_flat: Tensor
 
     @staticmethod
-    def build(images: LapsImageState, num_bands: int = 8) -> ReassociatedImageFactors:
+    def build(images: LapsImageState, keep_k: int) -> DeltaImageFactors:
         patches = images.patches
-        num_img, num_patches, _ = patches.shape
+        num_img, num_patches, dim = patches.shape
         logits = images.aggr_logits.transpose(1, 2)  # [I, Nc, N]
         slot_weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
-        # [I, min(C, N), N], upper triangular (trapezoidal when C < N): R[r, j] == 0 for j < r
-        triangular = torch.linalg.qr(patches.transpose(1, 2), mode="r").R
-        num_rows = triangular.shape[1]
-        band = math.ceil(num_rows / max(1, num_bands))
-        starts = list(range(0, num_rows, band))
-        panels = []
-        for i in range(num_img):
-            weighted = triangular[i][None] * slot_weights[i][:, None, :]  # [Nc, r, j] = R[r, j] e_c[j]
-            panels.append([
-                weighted[:, s:s + band, s:].permute(2, 0, 1).reshape(num_patches - s, -1).contiguous()
-                for s in starts
-            ])
-        return ReassociatedImageFactors(
-            patches_t=patches.reshape(num_img * num_patches, -1).T.contiguous(),
-            patches_norm_t=images.patches_norm.reshape(num_img * num_patches, -1).T.contiguous(),
-            slot_weights=slot_weights,
-            triangular=triangular, band_starts=starts, norm_panels=panels,
+        num_slots = slot_weights.shape[1]
+        base_keep = _official_keep(images.self_score, min(keep_k, num_patches)).to(patches.dtype)
+        base_weights = slot_weights * base_keep[:, None, :]
+        base_tokens = torch.bmm(base_weights, patches)  # [I, Nc, C]
+        return DeltaImageFactors(
+            patches_flat=patches.reshape(num_img * num_patches, dim),
+            patches_norm_t=images.patches_norm.reshape(num_img * num_patches, dim).T.contiguous(),
+            base_keep=base_keep,
+            slot_weights_flat=slot_weights.transpose(1, 2).reshape(num_img * num_patches, num_slots).contiguous(),
+            base_tokens_t=base_tokens.reshape(num_img * num_slots, dim).T.contiguous(),
+            base_sq_norms=(base_tokens * base_tokens).sum(dim=-1),
+            base_sums=base_weights.sum(dim=-1),
+            base_cross_flat=torch.bmm(patches, base_tokens.transpose(1, 2)).reshape(num_img * num_patches, num_slots),
+            gram_flat=torch.bmm(patches, patches.transpose(1, 2)).reshape(-1),
         )
 
 
@@ -483,36 +486,37 @@ def _keep_from_float32(score: Tensor, keep_k: int, exact_score: Callable[[Tensor
 
 
 @dataclass
-class ReassociatedSelection:
+class DeltaSelection:
     """The text-dependent per-pair quantities that do not involve the words themselves, for T captions x I images:
-    the keep mask and the fused-token weights [T, I, N] and the reciprocal norms of the unnormalised aggregated
-    tokens [T, I, Nc] and fused token [T, I] (``F.normalize``'s eps folded in)."""
+    the fused-token weights [T, I, N] (``exp(s - max s)`` on the dropped patches, 0 on the kept ones) and the
+    difference of the kept set from the base set: ``delta_index`` [T, I, D] flat patch indices (into I*N, the
+    differing patches first), ``delta_sign`` [T, I, D] (+1 added, -1 removed, 0 padding) and ``delta_count``
+    [T, I]."""
 
-    keep: Tensor
     fuse: Tensor
-    aggr_scale: Tensor
-    fused_scale: Tensor
+    delta_index: Tensor
+    delta_sign: Tensor
+    delta_count: Tensor
 
-    def rows(self, start: int, end: int) -> ReassociatedSelection:
-        return ReassociatedSelection(self.keep[start:end], self.fuse[start:end], self.aggr_scale[start:end],
-                                     self.fused_scale[start:end])
+    def rows(self, start: int, end: int) -> DeltaSelection:
+        return DeltaSelection(self.fuse[start:end], self.delta_index[start:end], self.delta_sign[start:end],
+                              self.delta_count[start:end])
 
 
-def reassociation_applies(images: LapsImageState) -> bool:
-    """The reassociated scorer runs on the CPU and needs exp-shifted aggregation weights that cannot underflow."""
+def delta_applies(images: LapsImageState) -> bool:
+    """The delta scorer runs on the CPU and needs exp-shifted aggregation weights that cannot underflow."""
     logits = images.aggr_logits
     spread = float((logits.amax(dim=1) - logits.amin(dim=1)).max()) if logits.numel() else 0.0
     return images.patches.device.type == "cpu" and spread < SAFE_LOGIT_RANGE
 
 
-def reassociated_selection(images: LapsImageState, text_queries: Tensor, keep_k: int, factors: ReassociatedImageFactors,
-                           selection: str = "official", paper: PaperSelection | None = None,
-                           caption_chunk: int = 256) -> ReassociatedSelection:
-    """Selection, fused-token weights and token norms for the text queries ``norm(mean T)`` [T, C].
+def delta_selection(images: LapsImageState, text_queries: Tensor, keep_k: int, factors: DeltaImageFactors,
+                    selection: str = "official", paper: PaperSelection | None = None) -> DeltaSelection:
+    """Selection and fused-token weights for the text queries ``norm(mean T)`` [T, C], and each pair's kept set as
+    a difference from the base set of :class:`DeltaImageFactors`.
 
-    Token norms: ``|Y_c| = |R (e_c * m)|`` with ``m`` the 0/1 keep mask: one GEMM per row band of R of the masks
-    with the text-independent panels ``R diag(e_c)`` (the zero lower triangle of R mostly skipped); the fused token
-    likewise with its weights. Captions go in chunks of ``caption_chunk`` (tall GEMMs, bounded memory).
+    Official selection ranks float32 scores (one GEMM for all captions) and re-decides near-ties in float64, so the
+    kept sets are the float64 top-K of the per-pair loop; paper selection is decided in float64.
     """
     num_img, num_cap, num_patches = len(images), text_queries.shape[0], images.num_patches
     # s = <norm(mean P), P^_k> + <norm(mean T), P^_k> [T, I, N]
@@ -539,84 +543,92 @@ def reassociated_selection(images: LapsImageState, text_queries: Tensor, keep_k:
     else:
         raise ValueError(f"unknown selection {selection!r}")
     fuse = torch.exp(score - score.amax(dim=-1, keepdim=True)) * (1.0 - keep)  # [T, I, N]; |s| <= 2
-    aggr_scale = torch.empty(num_cap, num_img, images.num_aggregated)
-    fused_scale = torch.empty(num_cap, num_img)
-    for i in range(num_img):
-        weights = factors.slot_weights[i]  # [Nc, N]
-        for t0 in range(0, num_cap, caption_chunk):
-            keep_i, fuse_i = keep[t0:t0 + caption_chunk, i], fuse[t0:t0 + caption_chunk, i]  # [t, N]
-            band_norms = [
-                torch.linalg.vector_norm(
-                    torch.matmul(keep_i[:, start:], panel).view(len(keep_i), images.num_aggregated, -1), dim=-1)
-                for start, panel in zip(factors.band_starts, factors.norm_panels[i], strict=True)
-            ]
-            aggr_norm = torch.linalg.vector_norm(torch.stack(band_norms, dim=-1), dim=-1)  # [t, Nc]
-            fused_norm = torch.linalg.vector_norm(fuse_i @ factors.triangular[i].T, dim=-1)  # [t]
-            aggr_scale[t0:t0 + caption_chunk, i] = _inverse_norm(aggr_norm, keep_i @ weights.T)
-            fused_scale[t0:t0 + caption_chunk, i] = _inverse_norm(fused_norm, fuse_i.sum(dim=-1))
-    return ReassociatedSelection(keep, fuse, aggr_scale, fused_scale)
+    delta = keep - factors.base_keep[None]  # [T, I, N] in {-1, 0, 1}
+    changed = delta.abs()
+    delta_count = changed.sum(dim=-1).to(torch.int64)
+    width = int(delta_count.max()) if delta_count.numel() else 0
+    index = changed.topk(width, dim=-1).indices  # the changed patches first (their |delta| is 1, the rest 0)
+    sign = delta.gather(-1, index)  # 0 on padding
+    index = index + (torch.arange(num_img) * num_patches)[None, :, None]
+    return DeltaSelection(fuse, index, sign, delta_count)
 
 
-def score_block_reassociated(
+def score_block_delta(
     images: LapsImageState,
     captions: LapsCaptionState,
     keep_k: int,
     selection: str = "official",
     paper: PaperSelection | None = None,
-    factors: ReassociatedImageFactors | None = None,
-    num_bands: int = 8,
-    selected: ReassociatedSelection | None = None,
+    factors: DeltaImageFactors | None = None,
+    selected: DeltaSelection | None = None,
+    caption_batch: int = 8,
 ) -> Tensor:
-    """Inference-only LAPS scores [I, T] of one block, reassociated so that almost all work is large GEMMs.
+    """Inference-only LAPS scores [I, T] of one block from the base tokens and each pair's kept-set difference.
 
-    Same result as :func:`score_block` (to float32 rounding) without forming any aggregated token:
+    Same result as :func:`score_block` (to float32 rounding) without forming any token. With ``U_c`` the
+    unnormalised aggregated token of a pair, ``U0_c`` the base token and ``delta_k`` = +1 / -1 for the patches the
+    caption adds to / removes from the base set (``D`` of them, about 20 of 196 for ViT):
 
-    - token-word similarity ``<Y_c, w> = sum_k a_ck <P_k, w>`` (Y_c the unnormalised token): one GEMM of all
-      patches with all words (``PW``, N*C*L multiply-adds per pair), then the masked aggregation weights applied
-      to ``PW`` (Nc*N*L);
-    - token norms from R of ``P^T = QR`` (:func:`reassociated_selection`, about 0.6 * Nc*N*N; pass ``selected``
-      when it was computed for many captions at once);
-    - the fused token likewise, with its weights.
+    - ``<U_c, w> = <U0_c, w> + sum_k delta_k e_ck <P_k, w>``: one GEMM of all words with all base tokens
+      (Nc*C*L multiply-adds per pair) plus the gathered differing patches times the words (D*C*L);
+    - ``|U_c|^2 = |U0_c|^2 + 2 sum_k delta_k e_ck <U0_c, P_k> + sum_kk' delta_k delta_k' e_ck e_ck' G_kk'`` from
+      precomputed ``<U0_c, P_k>`` and the patch Gram matrix (Nc*D^2);
+    - the fused token formed directly (N*C), as its weights change with every caption.
 
-    About (N*C*L + 0.6*Nc*N^2) multiply-adds per pair instead of Nc*N*C for the tokens alone, and no per-pair
-    gather. Falls back to :func:`score_block` where exp-shifted aggregation weights could underflow.
+    Pairs go ``caption_batch`` captions (x all images) at a time, each batch padded to its own largest ``D``.
+    Falls back to :func:`score_block` where exp-shifted aggregation weights could underflow.
     """
     if selection not in ("official", "paper"):
         raise ValueError(f"unknown selection {selection!r}")
-    if not reassociation_applies(images):
+    if not delta_applies(images):
         return score_block(images, captions, keep_k, selection, paper).scores
     if factors is None:
-        factors = ReassociatedImageFactors.build(images, num_bands)
+        factors = DeltaImageFactors.build(images, keep_k)
     if selected is None:
-        selected = reassociated_selection(images, captions.global_norm, keep_k, factors, selection, paper)
+        selected = delta_selection(images, captions.global_norm, keep_k, factors, selection, paper)
     num_img, num_cap = len(images), len(captions)
     num_patches, dim, num_slots = images.num_patches, images.dim, images.num_aggregated
     words = captions.words_norm  # [T, L, C], zero rows past each length
     num_words = words.shape[1]
     word_rows = words.reshape(num_cap * num_words, dim)
-    cls_sims = None
+    # base token-word similarities [T, I, L, Nc] (one GEMM), corrected below batch by batch
+    aggr_sims = torch.matmul(word_rows, factors.base_tokens_t).view(num_cap, num_words, num_img, num_slots)
+    aggr_sims = aggr_sims.transpose(1, 2).contiguous()
+    sq_norms = factors.base_sq_norms[None].repeat(num_cap, 1, 1)  # [T, I, Nc]
+    weight_sums = factors.base_sums[None].repeat(num_cap, 1, 1)
+    widest = int(selected.delta_count.max()) if num_cap else 0
+    gathered = torch.empty(min(caption_batch, num_cap) * num_img * widest * dim, dtype=words.dtype)
+    for t0 in range(0, num_cap, caption_batch):
+        t1 = min(t0 + caption_batch, num_cap)
+        width = int(selected.delta_count[t0:t1].max())
+        if width == 0:
+            continue
+        index = selected.delta_index[t0:t1, :, :width]  # [t, I, D]
+        flat = index.reshape(-1)
+        shape = (t1 - t0, num_img, width)
+        coeff = (factors.slot_weights_flat.index_select(0, flat).view(*shape, num_slots)
+                 * selected.delta_sign[t0:t1, :, :width, None])  # delta_k e_ck [t, I, D, Nc]
+        patches = torch.index_select(factors.patches_flat, 0, flat, out=gathered[:flat.numel() * dim].view(-1, dim))
+        patch_words = torch.bmm(words[t0:t1], patches.view(t1 - t0, num_img * width, dim).transpose(1, 2))
+        patch_words = patch_words.view(t1 - t0, num_words, num_img, width).transpose(1, 2)  # [t, I, L, D]
+        aggr_sims[t0:t1] += torch.matmul(patch_words, coeff)
+        cross = (coeff * factors.base_cross_flat.index_select(0, flat).view(*shape, num_slots)).sum(dim=2)
+        gram = factors.gram_flat.take((index * num_patches)[..., :, None] + (index % num_patches)[..., None, :])
+        quad = (torch.matmul(gram, coeff) * coeff).sum(dim=2)  # [t, I, Nc]
+        sq_norms[t0:t1] += 2.0 * cross + quad
+        weight_sums[t0:t1] += coeff.sum(dim=2)
+    aggr_scale = _inverse_norm(sq_norms.clamp_min(0.0).sqrt(), weight_sums)  # [T, I, Nc]
+    aggr_sims = F.leaky_relu(aggr_sims * aggr_scale[:, :, None, :], negative_slope=LEAKY_RELU_SLOPE)
+    # the fused token, formed: one GEMM per image over all captions [I, T, C]
+    fused = torch.bmm(selected.fuse.transpose(0, 1), images.patches)
+    fused_scale = _inverse_norm(torch.linalg.vector_norm(fused, dim=-1), selected.fuse.sum(dim=-1).T)  # [I, T]
+    extra = [torch.bmm(words, (fused * fused_scale[..., None]).permute(1, 2, 0))]  # [T, L, I]
     if images.cls_norm is not None:  # the CLS token takes part in the matching only
-        cls_sims = torch.matmul(word_rows, images.cls_norm.T).view(num_cap, num_words, num_img)
-    word_mask = captions.word_mask  # [T, L]
-    # patch-word similarities [T, L, I, N]: one GEMM for the block
-    all_patch_words = torch.matmul(word_rows, factors.patches_t).view(num_cap, num_words, num_img, num_patches)
-    all_patch_words = all_patch_words.transpose(1, 2)  # [T, I, L, N] (a view)
-    out = torch.empty(num_img, num_cap, dtype=torch.float32)
-    for i in range(num_img):
-        keep_i, fuse_i, weights = selected.keep[:, i], selected.fuse[:, i], factors.slot_weights[i]
-        # the fused token's and the aggregated tokens' similarities from the patch-word ones: sum_k a_k <P_k, w>
-        patch_words = all_patch_words[:, i]  # [T, L, N]
-        fused_sims = torch.bmm(patch_words, fuse_i[:, :, None])[..., 0]  # [T, L]
-        masked = (patch_words * keep_i[:, None, :]).reshape(num_cap * num_words, num_patches)
-        aggr_sims = torch.matmul(masked, weights.T).view(num_cap, num_words, num_slots)
-        # matching: A = LeakyReLU(W^ V^T); mean over words of the best token + mean over tokens of the best word
-        aggr_sims = F.leaky_relu(aggr_sims * selected.aggr_scale[:, i, None, :], negative_slope=LEAKY_RELU_SLOPE)
-        extra = [fused_sims * selected.fused_scale[:, i, None]]
-        if cls_sims is not None:
-            extra.append(cls_sims[:, :, i])
-        extra_sims = F.leaky_relu(torch.stack(extra, dim=-1), negative_slope=LEAKY_RELU_SLOPE)  # [T, L, E]
-        out[i] = mean_of_max_score(aggr_sims.transpose(1, 2), extra_sims.transpose(1, 2), word_mask, captions.lengths)
-    return out
+        extra.append(torch.matmul(word_rows, images.cls_norm.T).view(num_cap, num_words, num_img))
+    extra_sims = F.leaky_relu(torch.stack(extra, dim=-1), negative_slope=LEAKY_RELU_SLOPE)  # [T, L, I, E]
+    # matching: A = LeakyReLU(W^ V^T); mean over words of the best token + mean over tokens of the best word
+    return mean_of_max_score(aggr_sims.permute(1, 0, 3, 2), extra_sims.permute(2, 0, 3, 1), captions.word_mask,
+                             captions.lengths)
 
 
 def text_free_tokens(images: LapsImageState, keep_k: int) -> Tensor:
@@ -685,9 +697,9 @@ def score_matrix(
     """All-pairs LAPS scores [I, T] (float32, on the states' device) in bounded memory.
 
     Captions are processed in length order (little padding) and images in chunks of ``image_chunk``. On the CPU
-    each block goes through :func:`score_block_reassociated` (text-independent factors built once per image
-    chunk; a block holds at most ``max_block_words`` padded words, fewer if its word x patch buffers would exceed
-    ``max_chunk_bytes``); elsewhere through :func:`score_block`, sized to ``max_chunk_bytes``.
+    each block goes through :func:`score_block_delta` (text-independent factors and the selection of all captions
+    built once per image chunk; a block holds at most ``max_block_words`` padded words, fewer if its word x token
+    buffers would exceed ``max_chunk_bytes``); elsewhere through :func:`score_block`, sized to ``max_chunk_bytes``.
     ``progress(n_pairs_done)`` is called per block. ``workers > 1`` (CPU) scores image chunks on that many
     Python threads with one torch thread each, instead of torch's intra-op threads; it sets the process-wide
     torch thread count for the duration, so use it only where nothing else runs torch at the same time (the
@@ -706,8 +718,7 @@ def score_matrix(
                                     keep_k, selection, paper, max_chunk_bytes, out, progress)
         return out
     # caption runs are the same for every image chunk: select (copy, trim) them once
-    bytes_per_word = 4 * (min(image_chunk, num_img) * (images.num_patches + 1) + 2 * images.num_patches
-                          + images.num_aggregated)
+    bytes_per_word = 4 * 3 * min(image_chunk, num_img) * (images.num_aggregated + 2)  # [T, I, L, Nc + 2] x 3
     budget = max(1, min(max_block_words, max_chunk_bytes // bytes_per_word))
     runs = [(t0, t1, captions.select(order[t0:t1].to(captions.lengths.device)))
             for t0, t1 in _caption_chunks(captions.lengths[order].tolist(), budget)]
@@ -717,16 +728,16 @@ def score_matrix(
     def score_image_chunk(i0: int) -> None:
         with torch.no_grad():
             img_block = images.select(slice(i0, min(i0 + image_chunk, num_img)))
-            if not reassociation_applies(img_block):
+            if not delta_applies(img_block):
                 _score_chunk_direct(img_block, i0, captions, order, keep_k, selection, paper, max_chunk_bytes, out,
                                     progress)
                 return
-            factors = ReassociatedImageFactors.build(img_block)
-            # selection and token norms for all captions at once (tall GEMMs), in caption-length order
-            selected = reassociated_selection(img_block, sorted_queries, keep_k, factors, selection, paper)
+            factors = DeltaImageFactors.build(img_block, keep_k)
+            # selection of all captions at once (one tall GEMM), in caption-length order
+            selected = delta_selection(img_block, sorted_queries, keep_k, factors, selection, paper)
             for t0, t1, block_captions in runs:
-                block = score_block_reassociated(img_block, block_captions, keep_k, selection, paper, factors,
-                                                 selected=selected.rows(t0, t1))
+                block = score_block_delta(img_block, block_captions, keep_k, selection, paper, factors,
+                                          selected=selected.rows(t0, t1))
                 out[i0:i0 + len(img_block), order[t0:t1]] = block
                 if progress is not None:
                     progress(len(img_block) * (t1 - t0))

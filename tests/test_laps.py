@@ -29,12 +29,13 @@ from models.laps import (
     tokenize_caption,
 )
 from models.laps_scoring import (
+    DeltaImageFactors,
     LapsCaptionState,
     LapsImageState,
-    ReassociatedImageFactors,
     _caption_chunks,
+    delta_selection,
     score_block,
-    score_block_reassociated,
+    score_block_delta,
     score_matrix,
     score_matrix_reference,
 )
@@ -122,31 +123,48 @@ def test_vectorised_scores_equal_per_pair_loop(n: int, nc: int, keep_k: int, cls
     assert torch.allclose(whole, loop, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("n,c,nc,keep_k,cls,bands", [
-    (16, 32, 3, 8, True, 1), (16, 32, 3, 8, True, 3), (49, 32, 23, 40, False, 4),
-    (16, 8, 5, 7, True, 4),  # fewer channels than patches: R of P^T = QR is trapezoidal
+@pytest.mark.parametrize("n,c,nc,keep_k,cls,batch", [
+    (16, 32, 3, 8, True, 8), (16, 32, 3, 8, True, 2), (49, 32, 23, 40, False, 4),
+    (16, 8, 5, 7, True, 3),  # fewer channels than patches: the Gram matrix is rank-deficient
 ])
-def test_reassociated_block_equals_per_pair_loop(n: int, c: int, nc: int, keep_k: int, cls: bool,
-                                                 bands: int) -> None:
+def test_delta_block_equals_per_pair_loop(n: int, c: int, nc: int, keep_k: int, cls: bool, batch: int) -> None:
     images, captions, agg = _random_states(4, 9, n, c, nc, cls, seed=n + c)
     loop = score_matrix_reference(images, captions, keep_k, agg.weight, agg.scale)
-    factors = ReassociatedImageFactors.build(images, bands)
-    got = score_block_reassociated(images, captions, keep_k, factors=factors)
+    factors = DeltaImageFactors.build(images, keep_k)
+    selected = delta_selection(images, captions.global_norm, keep_k, factors)
+    assert int(selected.delta_count.max()) > 0  # the captions do move patches across the K-th place
+    got = score_block_delta(images, captions, keep_k, factors=factors, selected=selected, caption_batch=batch)
     assert torch.isfinite(loop).all() and loop.std() > 1e-3
     assert torch.allclose(got, loop, atol=1e-5, rtol=0)
 
 
+def test_delta_block_with_no_difference_and_with_everything_different() -> None:
+    """K = N keeps every patch for every caption (no pair differs from the base set); a base set built for another
+    K makes every pair differ from it in many patches: both give the per-pair loop's scores."""
+    images, captions, agg = _random_states(3, 6, 16, 16, 3, True, seed=3)
+    loop_all = score_matrix_reference(images, captions, 16, agg.weight, agg.scale)
+    selected = delta_selection(images, captions.global_norm, 16, DeltaImageFactors.build(images, 16))
+    assert int(selected.delta_count.max()) == 0
+    assert torch.allclose(score_block_delta(images, captions, 16), loop_all, atol=1e-5, rtol=0)
+    loop = score_matrix_reference(images, captions, 12, agg.weight, agg.scale)
+    far_base = DeltaImageFactors.build(images, 2)
+    selected = delta_selection(images, captions.global_norm, 12, far_base)
+    assert int(selected.delta_count.min()) >= 10
+    got = score_block_delta(images, captions, 12, factors=far_base, selected=selected)
+    assert torch.allclose(got, loop, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("margin", [0.0, 10.0])
-def test_reassociated_selection_float64_fallback(margin: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_delta_selection_float64_fallback(margin: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Margin 0 decides every pair from float32 scores, margin 10 re-decides every pair in float64: the kept sets
     (hence the scores) agree with the float64 top-K of the per-pair loop either way on these inputs."""
     monkeypatch.setattr(laps_scoring, "SELECTION_MARGIN", margin)
     images, captions, agg = _random_states(3, 7, 49, 16, 23, False, seed=11)
     loop = score_matrix_reference(images, captions, 40, agg.weight, agg.scale)
-    assert torch.allclose(score_block_reassociated(images, captions, 40), loop, atol=1e-5, rtol=0)
+    assert torch.allclose(score_block_delta(images, captions, 40), loop, atol=1e-5, rtol=0)
 
 
-def test_reassociated_float32_near_ties_follow_float64() -> None:
+def test_delta_float32_near_ties_follow_float64() -> None:
     """Two patches whose float64 selection scores differ by 1e-9 (far below float32 resolution) at the K-th
     place: the float64 re-decision keeps the one the per-pair loop keeps."""
     images, captions, agg = _random_states(1, 1, 16, 16, 3, False, seed=5, max_len=6)
@@ -159,7 +177,7 @@ def test_reassociated_float32_near_ties_follow_float64() -> None:
     tied = LapsImageState(patches=images.patches, cls=None, aggr_logits=images.aggr_logits,
                           patches_norm=images.patches_norm, self_score=self_score)
     loop = score_matrix_reference(tied, captions, 8, agg.weight, agg.scale)
-    got = score_block_reassociated(tied, captions, 8)
+    got = score_block_delta(tied, captions, 8)
     assert torch.allclose(got, loop, atol=1e-5, rtol=0)
 
 
