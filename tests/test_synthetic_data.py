@@ -259,3 +259,15 @@ def test_caption_files_follow_the_karpathy_layout(generated) -> None:
         for image_id, caption in zip(per_image, lines[split], strict=True):
             drawn = attributes[image_id]
             assert any(c in caption.lower() and sh in caption.lower() for c, sh, _ in drawn), caption
+
+
+def test_demo_refer_data_version_does_not_depend_on_the_cpu(tmp_path: Path) -> None:
+    """The demo data the manifest names comes out on this CPU too: COCO areas go through numpy's BLAS dot, whose
+    rounding differs between OpenBLAS's AVX2 and AVX-512 kernels, so generation pins the AVX2 ones (this
+    machine picks the AVX-512 ones by itself and wrote another refer version before the pinning)."""
+    if not synthetic._cpu_runs_pinned_blas():
+        pytest.skip("the pinned OpenBLAS kernels need an x86-64 CPU with AVX2 and FMA")
+    manifest = json.loads((ROOT / "weights" / "demo" / "manifest.json").read_text())
+    made = synthetic.generate_pinned(tmp_path, "refer", int(manifest["seed"]), manifest["data_size"],
+                                     progress=False)
+    assert made["refer"]["version"] == manifest["data_versions"]["refer"]

@@ -38,9 +38,7 @@ from training.synthetic import (
     PERSON_DATASET_NAME,
     REFER_DATASET_NAME,
     REFER_SPLIT_BY,
-    generate_caption,
-    generate_person,
-    generate_refer,
+    generate_pinned,
     generator_version,
 )
 from training.trainer import train
@@ -57,7 +55,6 @@ EXPECTED_SECONDS: dict[str, float] = {"irra": 600.0, "ivt": 440.0, "laps": 520.0
 # so results do not depend on the machine's load unless a run hits the cap (the manifest records steps and
 # epochs, so a capped run shows).
 TIME_BUDGET_S: dict[str, float] = {method: 1.5 * seconds for method, seconds in EXPECTED_SECONDS.items()}
-GENERATORS = {"refer": generate_refer, "person": generate_person, "caption": generate_caption}
 
 
 def default_data_root(seed: int, size: str) -> Path:
@@ -83,7 +80,7 @@ def ensure_data(root: Path | None, seed: int = DEMO_SEED, size: str = DEMO_SIZE,
         # a kind written by an older generator version is generated again (its data version changes with it)
         if kind not in have or not have[kind].startswith(f"synthetic-{kind}/g{generator_version(kind)}/"):
             print(f"generating synthetic {kind} data (seed {seed}, {size}) in {root / kind}", file=sys.stderr)
-            GENERATORS[kind](root / kind, seed=seed, size=size, progress=True)
+            generate_pinned(root, kind, seed, size)
     have = data_versions(root)
     if expected:
         wrong = {k: (have.get(k), v) for k, v in expected.items() if have.get(k) != v}

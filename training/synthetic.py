@@ -35,8 +35,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import pickle
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -988,6 +991,41 @@ def iter_files(root: Path) -> Iterator[Path]:
     yield from sorted(p for p in Path(root).rglob("*") if p.is_file())
 
 
+# The version hash covers the annotation bytes, and COCO ``area`` (and the person generator's arm direction) go
+# through numpy's BLAS dot product, whose summation order depends on the OpenBLAS kernel picked for the CPU: an
+# AVX-512 machine rounds a few areas differently from an AVX2 one, so the same seed gave other data versions.
+# Generation therefore pins OpenBLAS's AVX2 ("Haswell") kernels, with which the demo data was written; OpenBLAS
+# reads the variable once, when it loads, so a process that did not start pinned generates in a child process.
+PINNED_BLAS_CORE = "Haswell"
+
+
+def _cpu_runs_pinned_blas() -> bool:
+    """The pinned kernels need x86-64 AVX2 + FMA (elsewhere OpenBLAS keeps its own choice)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def generate_pinned(
+    out: Path | str, kind: str = "all", seed: int = 0, size: str = "small", mask_format: str = "polygon",
+    progress: bool = True,
+) -> dict[str, dict]:
+    """:func:`generate` with OpenBLAS pinned to :data:`PINNED_BLAS_CORE` (the same data versions on every
+    x86-64 CPU): in this process when it started pinned, otherwise in a child ``python -m training.synthetic``."""
+    if os.environ.get("OPENBLAS_CORETYPE") == PINNED_BLAS_CORE or not _cpu_runs_pinned_blas():
+        return generate(out, kind, seed, size, mask_format, progress)
+    command = [sys.executable, "-m", "training.synthetic", "--out", str(out), "--kind", kind, "--seed", str(seed),
+               "--size", size, "--mask-format", mask_format] + ([] if progress else ["--no-progress"])
+    env = {**os.environ, "OPENBLAS_CORETYPE": PINNED_BLAS_CORE}
+    source_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    kinds = KINDS if kind == "all" else (kind,)
+    return {name: json.loads((Path(out) / name / "manifest.json").read_text()) for name in kinds}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.synthetic", description=__doc__.split("\n\n")[0]
@@ -1000,7 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="segmentation stored in instances.json (refer kind)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    manifests = generate(
+    manifests = generate_pinned(
         args.out, args.kind, args.seed, args.size, args.mask_format, progress=not args.no_progress
     )
     for name, manifest in manifests.items():
