@@ -282,3 +282,30 @@ def test_ivt_export_records_its_head_count(data_root: Path, tmp_path: Path) -> N
     model, _ = _load_adapter("ivt", result.export_path)
     assert model.model.config.num_heads == 4
     assert model.encode_texts(["a person in a red shirt"]).shape[0] == 1
+
+
+def test_ivt_without_augmentation_equals_three_identical_views(data_root: Path) -> None:
+    """``img_aug`` False (the demo) reads one plain view, encodes it once for the word / phrase / sentence texts
+    and pads each text level to its own longest text: the same CMPM as the official three-view path given three
+    copies of that view and the whole batch padded to its longest text."""
+    from models.ivt import cmpm_loss
+    from training.recipes.ivt import encode_image_bmm, encode_text_bmm
+
+    recipe = get_recipe("ivt")
+    config = tiny_config("ivt", img_aug=False, use_bmm=False)
+    dataset = recipe.train_dataset(data_root / "person", config)
+    assert len(dataset[0]["images"]) == 1
+    seed_everything(0)
+    model = recipe.build_model(config).eval()
+    seed_everything(1234)
+    batch = recipe.collate([dataset[i] for i in range(int(config["batch_size"]))], config)
+    lengths = batch["attention_mask"].sum(dim=1).reshape(3, -1).amax(dim=1)
+    assert len(set(lengths.tolist())) > 1  # the levels do pad to different lengths
+    ctx = StepContext(epoch=1, step=0, step_in_epoch=0, steps_per_epoch=1, config=config, device=torch.device("cpu"))
+    with torch.no_grad():
+        fast = recipe.loss(model, batch, ctx)["cmpm_loss"]
+        encoder = model.encoder_vl
+        image_feats = encode_image_bmm(encoder, batch["images"].repeat(3, 1, 1, 1), 0.0)
+        text_feats = encode_text_bmm(encoder, batch["input_ids"], batch["attention_mask"], 0.0)
+        reference = cmpm_loss(image_feats, text_feats, batch["pids"])
+    assert torch.isfinite(fast) and torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)

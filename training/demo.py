@@ -49,7 +49,7 @@ METHOD_DATA: dict[str, str] = {"irra": "person", "ivt": "person", "laps": "capti
                                "magnet": "refer"}
 # Training seconds of each demo preset on one idle core while the other core trains another method (measured;
 # ``main`` starts the longest first so the two processes finish close together).
-EXPECTED_SECONDS: dict[str, float] = {"irra": 600.0, "ivt": 440.0, "laps": 520.0, "scanformer": 300.0,
+EXPECTED_SECONDS: dict[str, float] = {"irra": 600.0, "ivt": 680.0, "laps": 520.0, "scanformer": 300.0,
                                       "magnet": 590.0}
 # A safety cap on each method's training time: 1.5 x the expected time. The presets' epochs normally end first,
 # so results do not depend on the machine's load unless a run hits the cap (the manifest records steps and
