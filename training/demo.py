@@ -9,7 +9,8 @@
    ``<out>/manifest.json``: the command, seed, data versions, the training summary and the held-out metrics of
    each model next to its chance level (``python -m training.evaluate demo`` prints them again).
 
-On an idle 2-core CPU the whole run took 22 minutes (measured, data generation included; ``manifest.json``
+On an idle 2-core CPU the whole run took 22 minutes (measured, data generation included, before the IVT preset
+grew to 14 epochs: about 25 minutes estimated since; ``manifest.json``
 records the steps and seconds each model took). Training state (``last.pth``, metrics logs) goes to ``--work``
 (default: a folder next to the data), not into ``--out``.
 """
