@@ -644,7 +644,7 @@ def text_free_tokens(images: LapsImageState, keep_k: int) -> Tensor:
     CLS: [I, V, C], L2-normalised. Used for the candidate-stage vector, which only sees the image.
     """
     score = images.self_score
-    keep = torch.zeros_like(score, dtype=images.patches.dtype).scatter_(-1, score.topk(keep_k, dim=-1).indices, 1.0)
+    keep = _official_keep(score, keep_k).to(images.patches.dtype)  # the delta scorer's base set as well
     aggr = masked_softmax(images.aggr_logits.transpose(1, 2), keep[:, None, :], dim=-1)  # [I, Nc, N]
     fuse = masked_softmax(score.to(images.patches.dtype), 1.0 - keep, dim=-1)  # [I, N]
     tokens = torch.bmm(torch.cat([aggr, fuse[:, None, :]], dim=1), images.patches)

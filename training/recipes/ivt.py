@@ -224,13 +224,11 @@ class IVTRecipe(Recipe):
         else:  # no BMM: each text level padded to its own longest (the same features, fewer padded tokens)
             text_feats = encode_text_levels(encoder, batch["input_ids"], batch["attention_mask"])
         loss = cmpm_loss(image_feats.float(), text_feats.float(), batch["pids"])
-        out: Losses = {"cmpm_loss": loss}
         with torch.no_grad():
             sims = nn.functional.normalize(text_feats.float(), dim=1) @ nn.functional.normalize(
                 image_feats.float(), dim=1).t()
             top1 = batch["pids"][sims.argmax(dim=1)] == batch["pids"]
-        out["t2i_top1"] = top1.float().mean()
-        return out
+        return {"cmpm_loss": loss, "t2i_top1": top1.float().mean()}
 
     def export(self, model: nn.Module, path: Path, config: Config, info: dict[str, Any]) -> None:
         """The official layout (``{'state_dict', 'epoch'}``) plus ``image_size`` and ``num_heads``, which
