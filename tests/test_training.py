@@ -309,3 +309,21 @@ def test_ivt_without_augmentation_equals_three_identical_views(data_root: Path) 
         text_feats = encode_text_bmm(encoder, batch["input_ids"], batch["attention_mask"], 0.0)
         reference = cmpm_loss(image_feats, text_feats, batch["pids"])
     assert torch.isfinite(fast) and torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_demo_queues_cover_every_method_once_and_beat_longest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``training.demo.balanced_queues``: each method in exactly one queue, at most ``jobs`` queues, and the
+    longest queue no longer than a shared longest-first queue would make it (for times where that is worse)."""
+    import training.demo as demo
+
+    times = {"irra": 465.0, "ivt": 552.0, "laps": 422.0, "scanformer": 700.0, "magnet": 600.0}
+    monkeypatch.setattr(demo, "EXPECTED_SECONDS", times)
+    queues = demo.balanced_queues(list(times), 2)
+    assert len(queues) == 2 and sorted(m for q in queues for m in q) == sorted(times)
+    span = max(sum(times[m] for m in q) for q in queues)
+    finish = [0.0, 0.0]  # a shared queue, longest first: the next method goes to whichever process is free
+    for method in sorted(times, key=lambda m: -times[m]):
+        finish[finish.index(min(finish))] += times[method]
+    assert span <= max(finish) - 100
+    assert demo.balanced_queues(["ivt"], 2) == [["ivt"]]
+    assert demo.balanced_queues(list(times), 1) == [sorted(times, key=lambda m: -times[m])]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing
 import pickle
@@ -50,7 +51,7 @@ METHOD_DATA: dict[str, str] = {"irra": "person", "ivt": "person", "laps": "capti
                                "magnet": "refer"}
 # Training seconds of each demo preset on one idle core while the other core trains another method (measured;
 # ``main`` starts the longest first so the two processes finish close together).
-EXPECTED_SECONDS: dict[str, float] = {"irra": 600.0, "ivt": 680.0, "laps": 520.0, "scanformer": 300.0,
+EXPECTED_SECONDS: dict[str, float] = {"irra": 600.0, "ivt": 680.0, "laps": 520.0, "scanformer": 600.0,
                                       "magnet": 590.0}
 # A safety cap on each method's training time: 1.5 x the expected time. The presets' epochs normally end first,
 # so results do not depend on the machine's load unless a run hits the cap (the manifest records steps and
@@ -159,6 +160,39 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
     return method, entry, metrics
 
 
+def balanced_queues(methods: list[str], jobs: int) -> list[list[str]]:
+    """Split ``methods`` into at most ``jobs`` queues, each trained one method after another by its own process,
+    so that the longest queue (by ``EXPECTED_SECONDS``) is as short as possible: every assignment is tried
+    (2^5 for the usual two processes). Longest-first on a shared queue could leave one process training the
+    last method alone for minutes."""
+    jobs = min(jobs, len(methods))
+    if jobs <= 1:
+        return [sorted(methods, key=lambda m: -EXPECTED_SECONDS[m])]
+    best: list[list[str]] = []
+    best_span = float("inf")
+    for assignment in itertools.product(range(jobs), repeat=len(methods)):
+        queues: list[list[str]] = [[] for _ in range(jobs)]
+        for method, queue in zip(methods, assignment, strict=True):
+            queues[queue].append(method)
+        span = max(sum(EXPECTED_SECONDS[m] for m in queue) for queue in queues)
+        if span < best_span and all(queues):
+            best, best_span = queues, span
+    return [sorted(queue, key=lambda m: -EXPECTED_SECONDS[m]) for queue in best]
+
+
+def run_queue(methods: list[str], data_root: Path, work: Path, out: Path, threads: int, time_scale: float
+              ) -> tuple[list[tuple[str, dict[str, Any], dict[str, float]]], list[tuple[str, str]]]:
+    """Train ``methods`` one after another in this process; one failure does not stop the others. Returns
+    (results of ``run_method``, (method, error) pairs)."""
+    finished, errors = [], []
+    for method in methods:
+        try:
+            finished.append(run_method(method, data_root, work, out, threads, time_scale))
+        except Exception as exc:  # noqa: BLE001 - one failed method must not lose the others
+            errors.append((method, f"{type(exc).__name__}: {exc}"))
+    return finished, errors
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.evaluate import print_demo_table
 
@@ -199,21 +233,22 @@ def main(argv: list[str] | None = None) -> int:
         manifest["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
 
-    order = sorted(args.methods, key=lambda m: -EXPECTED_SECONDS[m])  # longest first
-    jobs = [(m, data_root, work, args.out, args.threads, args.time_scale) for m in order]
-    if args.jobs <= 1:
-        for job in jobs:
-            record(*run_method(*job))
+    queues = balanced_queues(args.methods, max(1, args.jobs))
+    if len(queues) == 1:
+        for method in queues[0]:
+            record(*run_method(method, data_root, work, args.out, args.threads, args.time_scale))
     else:
         context = multiprocessing.get_context("spawn")
-        with context.Pool(args.jobs, maxtasksperchild=1) as pool:
-            pending = {job[0]: pool.apply_async(run_method, job) for job in jobs}
+        with context.Pool(len(queues), maxtasksperchild=1) as pool:
+            pending = [pool.apply_async(run_queue, (queue, data_root, work, args.out, args.threads, args.time_scale))
+                       for queue in queues]
             failed = []
-            for method, handle in pending.items():
-                try:
-                    record(*handle.get())
-                except Exception as exc:  # noqa: BLE001 - one failed method must not lose the others
-                    print(f"[demo] {method} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            for handle in pending:
+                finished, errors = handle.get()
+                for result in finished:
+                    record(*result)
+                for method, message in errors:
+                    print(f"[demo] {method} failed: {message}", file=sys.stderr)
                     failed.append(method)
             if failed:
                 raise SystemExit(f"demo training failed for {failed}")
