@@ -9,8 +9,7 @@
    ``<out>/manifest.json``: the command, seed, data versions, the training summary and the held-out metrics of
    each model next to its chance level (``python -m training.evaluate demo`` prints them again).
 
-On an idle 2-core CPU the whole run took 22 minutes (measured, data generation included, before the IVT preset
-grew to 14 epochs: about 25 minutes estimated since; ``manifest.json``
+On an idle 2-core CPU the whole run took 26 min 18 s (measured, data generation included; ``manifest.json``
 records the steps and seconds each model took). Training state (``last.pth``, metrics logs) goes to ``--work``
 (default: a folder next to the data), not into ``--out``.
 """
@@ -51,8 +50,8 @@ METHOD_DATA: dict[str, str] = {"irra": "person", "ivt": "person", "laps": "capti
                                "magnet": "refer"}
 # Training seconds of each demo preset on one core while the other core trains another method (measured on a
 # 2-core AMD EPYC; ``balanced_queues`` splits the methods between the two processes with these).
-EXPECTED_SECONDS: dict[str, float] = {"irra": 612.0, "ivt": 552.0, "laps": 556.0, "scanformer": 389.0,
-                                      "magnet": 620.0}
+EXPECTED_SECONDS: dict[str, float] = {"irra": 664.0, "ivt": 531.0, "laps": 537.0, "scanformer": 430.0,
+                                      "magnet": 614.0}
 # A safety cap on each method's training time: 1.5 x the expected time. The presets' epochs normally end first,
 # so results do not depend on the machine's load unless a run hits the cap (the manifest records steps and
 # epochs, so a capped run shows).

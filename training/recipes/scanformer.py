@@ -57,8 +57,8 @@ OFFICIAL: Config = {
 # cover some object at IoU 0.5, 45% after 16 epochs: it is still learning to localise at all); lr 4e-3 fell
 # behind 2e-3 from the start; keeping every patch in training (no selection, no sparsity term) learned no
 # faster. A step of 64 costs about 2.1 times one of 16 on one CPU thread, so the larger batch sees about twice
-# the samples in the same time; the box loss was still falling when each run ended. 16 epochs (about 390 s)
-# because the whole demo run must stay under 30 minutes on two cores: the other four methods take 550-620 s
+# the samples in the same time; the box loss was still falling when each run ended. 16 epochs (390-430 s)
+# because the whole demo run must stay under 30 minutes on two cores: the other four methods take 530-665 s
 # each, so one process trains three methods, and 24 or 32 epochs would take it past 30 minutes.
 DEMO: Config = {
     **OFFICIAL,
