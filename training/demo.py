@@ -164,9 +164,7 @@ def balanced_queues(methods: list[str], jobs: int) -> list[list[str]]:
     so that the longest queue (by ``EXPECTED_SECONDS``) is as short as possible: every assignment is tried
     (2^5 for the usual two processes). Longest-first on a shared queue could leave one process training the
     last method alone for minutes."""
-    jobs = min(jobs, len(methods))
-    if jobs <= 1:
-        return [sorted(methods, key=lambda m: -EXPECTED_SECONDS[m])]
+    jobs = max(1, min(jobs, len(methods)))
     best: list[list[str]] = []
     best_span = float("inf")
     for assignment in itertools.product(range(jobs), repeat=len(methods)):
