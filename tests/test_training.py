@@ -327,3 +327,22 @@ def test_demo_queues_cover_every_method_once_and_beat_longest_first(monkeypatch:
     assert span <= max(finish) - 100
     assert demo.balanced_queues(["ivt"], 2) == [["ivt"]]
     assert demo.balanced_queues(list(times), 1) == [sorted(times, key=lambda m: -times[m])]
+
+
+def test_scanformer_scratch_position_grid_varies_everywhere_and_respects_distance() -> None:
+    """The demo's fixed sin-cos ``pos_embed``: every channel must vary across the grid (no near-constant
+    channel), and each node's nearest other node in embedding space must be a grid neighbour (no aliased
+    frequency that makes far nodes look alike)."""
+    from training.recipes.scanformer import sincos_position_grid
+
+    grid, dim = 8, 32
+    table = sincos_position_grid(grid, dim)
+    assert table.shape == (grid * grid, dim)
+    spread = table.max(dim=0).values - table.min(dim=0).values
+    assert float(spread.min()) > 0.5, spread
+    distances = torch.cdist(table, table)
+    distances.fill_diagonal_(float("inf"))
+    nearest = distances.argmin(dim=1)
+    rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    grid_step = (rows[nearest] - rows).abs() + (cols[nearest] - cols).abs()
+    assert bool((grid_step == 1).all()), grid_step.view(grid, grid)

@@ -85,14 +85,17 @@ TINY: Config = {
 
 def sincos_position_grid(grid: int, dim: int) -> torch.Tensor:
     """A 2D sine-cosine table [grid * grid, dim] (row-major, as ``pos_embed``): a quarter of the channels each
-    for sin/cos of x and of y, frequencies from one period over the grid up to 100 periods."""
+    for sin/cos of x and of y, at frequencies spaced geometrically from a quarter period over the grid up to
+    half a period below the grid's Nyquist rate (grid / 2 periods), so every channel varies across the grid
+    and none aliases."""
     quarter = dim // 4
-    freqs = 100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1))
+    top = grid / 2 - 0.5
+    periods = 0.25 * (top / 0.25) ** (torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1))
     coords = torch.arange(grid, dtype=torch.float32) * (2 * math.pi / grid)
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     parts = []
     for axis in (xs.flatten(), ys.flatten()):
-        angle = axis[:, None] / freqs[None]
+        angle = axis[:, None] * periods[None]
         parts += [angle.sin(), angle.cos()]
     table = torch.cat(parts, dim=1)
     return torch.cat([table, table.new_zeros(grid * grid, dim - table.shape[1])], dim=1)
