@@ -57,9 +57,10 @@ OFFICIAL: Config = {
 # cover some object at IoU 0.5, 45% after 16 epochs: it is still learning to localise at all); lr 4e-3 fell
 # behind 2e-3 from the start; keeping every patch in training (no selection, no sparsity term) learned no
 # faster. A step of 64 costs about 2.1 times one of 16 on one CPU thread, so the larger batch sees about twice
-# the samples in the same time; the box loss was still falling when each run ended. 16 epochs (390-430 s)
-# because the whole demo run must stay under 30 minutes on two cores: the other four methods take 530-665 s
-# each, so one process trains three methods, and 24 or 32 epochs would take it past 30 minutes.
+# the samples in the same time; the box loss was still falling when each run ended. 16 epochs (430 s, or 598 s
+# on a day the machine ran 1.3x slower) because the whole demo run must stay under 30 minutes on two cores: the
+# other four methods take 530-665 s each (670-860 s on the slower day), so one process trains three methods,
+# and 24 or 32 epochs would take it past 30 minutes.
 # The trials above ran with a position grid whose channels were mostly near-constant (the table divided by the
 # frequencies); with every channel varying (``sincos_position_grid`` now), side by side at max_text_len 16:
 # 30.6 -> 37.0. From there: 20 epochs 35.5, 4 heads 34.3; before the fix, width 64 / 4 heads 26.2 (and 1.6x
