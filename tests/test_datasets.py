@@ -559,6 +559,39 @@ def test_laps_size_augment_branches() -> None:
     ]
 
 
+def test_decoded_image_cache_returns_private_copies_within_its_budget(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        _png(path, (20, 10), (10 * i, 100, 200))
+    one_image_mb = 20 * 10 * 3 / 2**20
+    cache = D.DecodedImageCache(max_mb=2.5 * one_image_mb)
+    for path in paths:
+        assert np.array_equal(np.asarray(cache(path)), np.asarray(D.read_image(path)))
+    assert len(cache.images) == 2 and cache.held_bytes == 2 * 20 * 10 * 3  # the third did not fit
+    first = cache(paths[0])
+    first.paste((0, 0, 0), (0, 0, 20, 10))  # a caller changing its image must not change the cache
+    assert np.array_equal(np.asarray(cache(paths[0])), np.asarray(D.read_image(paths[0])))
+    assert D.image_reader(0) is D.read_image
+    assert isinstance(D.image_reader(8), D.DecodedImageCache)
+
+
+def test_text_cache_computes_each_text_once_and_copies_values() -> None:
+    calls: list[str] = []
+
+    def encode(text: str) -> torch.Tensor:
+        calls.append(text)
+        return torch.tensor([len(text), 1])
+
+    cache = D.TextCache(encode, max_items=2, copy=torch.clone)
+    first = cache("a red shirt")
+    first[0] = -1  # changing a returned value must not change the remembered one
+    assert cache("a red shirt").tolist() == [11, 1]
+    cache("blue")
+    cache("green")  # over max_items: computed, not remembered
+    cache("green")
+    assert calls == ["a red shirt", "blue", "green", "green"]
+
+
 def test_bert_word_pieces_match_the_tokenizer() -> None:
     from models.tokenizers import bert_tokenizer
 

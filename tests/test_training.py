@@ -130,6 +130,21 @@ def test_resume_continues_exactly_and_the_export_loads_in_the_service(method: st
         assert model.segment(image, ["the red circle"])[0].shape == (96, 48)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_decoded_image_cache_leaves_training_unchanged(method: str, data_root: Path, tmp_path: Path) -> None:
+    """The demo presets hold decoded images (and tokenised texts) in memory; the weights must come out the
+    same bit for bit as when every image is read from disk. Three steps, so later steps read cached images."""
+    data = data_root / METHODS[method][0]
+    states = []
+    for cache_mb in (0, 64):
+        config = tiny_config(method, epochs=100, image_cache_mb=cache_mb)
+        train(get_recipe(method), data, tmp_path / str(cache_mb), config, max_steps=3, progress=False)
+        states.append(torch.load(tmp_path / str(cache_mb) / "last.pth", weights_only=True)["model"])
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
 # ---------------------------------------------------------------------------------------- official defaults
 
 

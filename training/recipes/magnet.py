@@ -34,12 +34,13 @@ from torch import nn
 from models.deformable_attention import MSDeformAttn
 from models.magnet import MagNet, MagNetConfig, tokenize_expressions
 from models.tokenizers import bert_tokenizer
-from training.datasets import ReferDataset, magnet_train_transform, read_refer
+from training.datasets import ReferDataset, image_reader, magnet_train_transform, read_refer
 from training.trainer import Batch, Config, Losses, Recipe, StepContext, group_by, init_dense_layers, poly
 
 MASK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 103, 101, 102, 0
 
 OFFICIAL: Config = {
+    "image_cache_mb": 0,  # MB of decoded images held in memory per data process (0: read every time)
     "dataset": "refcoco", "split_by": "unc", "epochs": 40, "batch_size": 32, "num_workers": 0, "log_every": 50,
     "save_every": 0, "seed": 0, "clip_grad_norm": None,
     "model": MagNetConfig().to_dict(),
@@ -73,6 +74,7 @@ SMALL_MODEL: dict[str, Any] = {
 DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 6, "epoch_samples": 4480, "batch_size": 16,
                 "log_every": 10, "lr": 1e-3,
                 "model": {**SMALL_MODEL, "window_size": 6}, "export_fp16": True, "scratch_init": True,
+                "image_cache_mb": 1024,  # the demo data fits decoded in memory
                 "demo_note": "from random weights (no ImageNet Swin / BERT) with scratch_init (upstream inits); "
                              "Swin width 16, 1 block per stage, window 6, BERT width 32, 3 decoder layers, 96 px; "
                              "lr 1e-3, batch 16, 6 epochs of 4480 samples; fp16 export; refer data generator 2 "
@@ -219,7 +221,8 @@ class MagNetRecipe(Recipe):
 
     def train_dataset(self, data_dir: Path, config: Config) -> ReferDataset:
         refer = read_refer(data_dir, config["dataset"], config["split_by"])
-        return ReferDataset(refer, "train", unit="ref", transform=magnet_train_transform(config["model"]["img_size"]))
+        return ReferDataset(refer, "train", unit="ref", transform=magnet_train_transform(config["model"]["img_size"]),
+                            image_reader=image_reader(config.get("image_cache_mb", 0)))
 
     def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
         ids, mask = tokenize_expressions([s["text"] for s in samples], bert_tokenizer(),

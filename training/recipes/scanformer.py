@@ -24,7 +24,7 @@ from models.checkpoint import load_checkpoint_file
 from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, scanformer_losses
 from models.tokenizers import bert_tokenizer
 from models.vilt import ViltConfig
-from training.datasets import ReferDataset, read_refer, scanformer_train_transform
+from training.datasets import ReferDataset, image_reader, read_refer, scanformer_train_transform
 from training.trainer import (
     Batch,
     Config,
@@ -37,6 +37,7 @@ from training.trainer import (
 )
 
 OFFICIAL: Config = {
+    "image_cache_mb": 0,  # MB of decoded images held in memory per data process (0: read every time)
     "dataset": "refcoco", "split_by": "unc", "epochs": 20, "batch_size": 256, "num_workers": 0,
     "log_every": 50, "save_every": 0, "seed": 0, "clip_grad_norm": 0.15,
     "model": ScanFormerConfig().to_dict(), "vilt_checkpoint": None,
@@ -69,7 +70,7 @@ OFFICIAL: Config = {
 # cover some object at IoU 0.5, and when one does it is mostly the right one (colour expressions 36.4 of
 # 47.0), so box precision, not finding the referent, is what fails.
 DEMO: Config = {
-    **OFFICIAL,
+    **OFFICIAL, "image_cache_mb": 1024,  # the demo data fits decoded in memory
     "dataset": "refsynth", "epochs": 16, "batch_size": 64, "log_every": 10, "clip_grad_norm": 1.0, "lr": 2e-3,
     "backbone_lr_factor": 1.0, "warmup_fraction": 0.05,
     "multi_scale": False,
@@ -148,7 +149,8 @@ class ScanFormerRecipe(Recipe):
         refer = read_refer(data_dir, config["dataset"], config["split_by"])
         transform = scanformer_train_transform(cfg.image_size, config["multi_scale"], config["translate"],
                                                mean=cfg.pixel_mean, std=cfg.pixel_std)
-        return ReferDataset(refer, "train", unit="sentence", transform=transform, with_mask=False)
+        return ReferDataset(refer, "train", unit="sentence", transform=transform, with_mask=False,
+                            image_reader=image_reader(config.get("image_cache_mb", 0)))
 
     def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
         max_len = int(config["model"]["vilt"]["max_text_len"])
