@@ -107,6 +107,8 @@ def test_resume_continues_exactly_and_the_export_loads_in_the_service(method: st
     b = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "step"}
     assert sorted(b) == [1, 2, 3, 4]
     assert b[3] == a[3] and b[4] == a[4]
+    again = train(get_recipe(method), data, tmp_path / "resumed", config, max_steps=4, resume=True, progress=False)
+    assert again.step == 4  # resuming at the step limit trains nothing
 
     # the exported file loads through the service adapter, with the trained weights (fp16-rounded)
     model, task = _load_adapter(method, resumed.export_path)

@@ -419,7 +419,7 @@ def train(
     save_every = int(config.get("save_every", 0))
     num_workers = int(config.get("num_workers", 0))
     last_losses: dict[str, float] = {}
-    stopped = False
+    stopped = max_steps is not None and step >= max_steps  # resumed at or past the limit: nothing to do
     while epoch < total_epochs and not stopped:
         epoch_batches = _epoch_batches(recipe, dataset, config, seed, epoch, batch_size, dist_info)
         epoch_steps = len(epoch_batches)  # a recipe's own order (identity sampler) may vary per epoch
