@@ -328,6 +328,18 @@ def test_ivt_without_augmentation_equals_three_identical_views(data_root: Path) 
     assert torch.isfinite(fast) and torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_demo_manifest_records_the_training_machine() -> None:
+    from training.demo import machine_description
+
+    torch.set_num_threads(1)
+    try:
+        described = machine_description()
+    finally:
+        torch.set_num_threads(2)
+    assert described["cpu"] and described["torch"] == torch.__version__ and described["threads"] == 1
+    assert described["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
+
+
 def test_demo_queues_cover_every_method_once_and_beat_longest_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """``training.demo.balanced_queues``: each method in exactly one queue, at most ``jobs`` queues, and the
     longest queue no longer than a shared longest-first queue would make it (for times where that is worse)."""

@@ -25,6 +25,7 @@ import itertools
 import json
 import multiprocessing
 import pickle
+import platform
 import shutil
 import sys
 import time
@@ -128,6 +129,22 @@ def compact_vocabulary(path: Path, key: str, keep_ids: set[int]) -> tuple[int, i
     return int(keep.sum()), int(table.shape[0])
 
 
+def machine_description() -> dict[str, Any]:
+    """Where a demo model was trained: the CPU model and the kernel family PyTorch dispatched to. The same
+    command rounds differently on another CPU and the held-out figures move (``weights/demo/README.md``), so
+    each manifest entry records it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
 def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int, time_scale: float
                ) -> tuple[str, dict[str, Any], dict[str, float]]:
     """Train one demo model from scratch, copy its checkpoint to ``out`` and evaluate it on the held-out split.
@@ -155,6 +172,7 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
         "metric": name, "value": round(metrics[name], 2), "chance": round(metrics[chance], 2),
         "metrics": {k: round(v, 2) for k, v in metrics.items()},
         "size_bytes": target.stat().st_size, "vocabulary_rows_kept": [kept, rows],
+        "machine": machine_description(),
     }
     if config.get("demo_note"):  # the preset's deviations from the official recipe
         entry["note"] = config["demo_note"]
