@@ -70,7 +70,9 @@ SMALL_MODEL: dict[str, Any] = {
 # images for expressions without a colour word (half of them; a trial outside the recipe) raised shape-only
 # to 29.2 but the total fell to 39.8. 9 epochs: 44.0 (train mIoU 58.6; longer training does not carry over to the
 # unseen pairs). The paper's Mask Grounding loss (weight 1) for 3 epochs: 42.2, against 37.6 without it at 3
-# epochs, but each step costs 2.4 times as much, so at equal time it stays below the 6 plain epochs.
+# epochs, but each step costs 2.4 times as much, so at equal time it stays below the 6 plain epochs. Swin width
+# 32 (stages 32 / 64 / 128 / 256) gave 30.0 on another machine, where this preset gave 38.6 (cut by its time cap
+# at 1502 steps); there a step took 0.92 s against this preset's 0.86 s (each alongside another training run).
 DEMO: Config = {**OFFICIAL, "dataset": "refsynth", "epochs": 6, "epoch_samples": 4480, "batch_size": 16,
                 "log_every": 10, "lr": 1e-3,
                 "model": {**SMALL_MODEL, "window_size": 6}, "export_fp16": True, "scratch_init": True,
