@@ -63,13 +63,20 @@ def test_collection_lifecycle_survives_restart(app_factory, irra_model, tmp_path
 
     victim = first["results"][0]["id"]
     assert client.delete(f"/collections/people/items/{victim}").status_code == 204
+    # searched again before the restart: the BLAS kernels of some CPUs (AVX-512) round a product of 24 rows
+    # differently from one of 23 in the last bits, so the comparison across the restart uses the same 23 rows
+    deleted = client.post("/search", json=query).json()
+    assert victim not in [r["id"] for r in deleted["results"]]
+    for r in deleted["results"]:
+        assert r["score"] == pytest.approx(next(f["score"] for f in first["results"] if f["id"] == r["id"]),
+                                           abs=1e-6)
     client.__exit__(None, None, None)
 
     restarted = app_factory({"irra": irra_model}, data_dir)
     second = restarted.post("/search", json=query).json()
     assert victim not in [r["id"] for r in second["results"]]
     assert len(second["results"]) == 23
-    before = {r["id"]: r["score"] for r in first["results"] if r["id"] != victim}
+    before = {r["id"]: r["score"] for r in deleted["results"]}
     after = {r["id"]: r["score"] for r in second["results"]}
     assert before == after  # identical scores, not just close: same stored vectors, exact flat index
     assert restarted.get("/collections/people").json()["items"] == 23
