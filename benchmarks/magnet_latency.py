@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 
 from models.magnet import MagNetConfig, MagNetSegmenter, mask_probabilities
 from models.parity import fill_module, find_cases, load_case
+from training.demo import machine_description
 
 DEFAULT_FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "parity" / "magnet"
 
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "weights": args.checkpoint and Path(args.checkpoint).name or "crc32-normal-v1 fill (random)",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-        platform.machine(), "loadavg_start": os.getloadavg()[0], "runs": args.runs, "latency_s": {},
+        **machine_description(), "loadavg_start": os.getloadavg()[0], "runs": args.runs, "latency_s": {},
     }
     image = request_image(args.fixtures)
     masks: dict[str, dict[str, np.ndarray]] = {}

@@ -338,6 +338,9 @@ def test_demo_manifest_records_the_training_machine() -> None:
         torch.set_num_threads(2)
     assert described["cpu"] and described["torch"] == torch.__version__ and described["threads"] == 1
     assert described["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():  # Linux x86: the generation is recorded too
+        assert "family" in described["cpu"] and "model" in described["cpu"]
 
 
 def test_demo_queues_cover_every_method_once_and_beat_longest_first(monkeypatch: pytest.MonkeyPatch) -> None:
