@@ -1,4 +1,5 @@
-"""The collection CLI and the person evaluation CLI on a synthetic CUHK-PEDES-format dataset."""
+"""The collection CLI and the evaluation CLI (person retrieval; boxes and masks with their per-cue breakdown) on
+synthetic data in the official formats."""
 
 from __future__ import annotations
 
@@ -16,13 +17,31 @@ from service.store import CollectionStore
 from tests.test_api_search import SMALL_IRRA
 from training import evaluate
 from training.person_metrics import rank
-from training.synthetic import generate_person
+from training.recipes import get_recipe
+from training.synthetic import (
+    DESCRIPTOR_SETS,
+    LOCATION_PHRASES,
+    OBJECT_SIZES,
+    SHAPE_COLOURS,
+    SHAPES,
+    ShapeObject,
+    generate_person,
+    generate_refer,
+    render_expression,
+)
 
 
 @pytest.fixture(scope="module")
 def person_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("person")
     generate_person(root, seed=3, size="tiny", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def refer_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("refer")
+    generate_refer(root, seed=3, size="small", progress=False)
     return root
 
 
@@ -62,3 +81,71 @@ def test_person_evaluation_matches_direct_rank(person_root: Path) -> None:
     direct = rank(texts @ images.T, np.asarray(split.caption_pids), np.asarray(split.image_pids)).as_dict()
     assert metrics == pytest.approx(direct)
     assert 0.0 <= metrics["R1"] <= 100.0 and "mINP" in metrics
+
+
+def test_expression_cue_names_the_cue_each_generated_expression_uses() -> None:
+    """``evaluate.expression_cue`` on expressions rendered by the generator from known attributes: a location
+    phrase wins, then a colour word, then a size word, else the shape alone ("other")."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(600):
+        target = ShapeObject(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(list(SHAPE_COLOURS))),
+                             size=str(rng.choice(OBJECT_SIZES)), cx=0.0, cy=0.0, radius=1.0)
+        attrs = DESCRIPTOR_SETS[int(rng.integers(len(DESCRIPTOR_SETS)))]
+        location = [None, *LOCATION_PHRASES][int(rng.integers(len(LOCATION_PHRASES) + 1))]
+        text = render_expression(target, attrs, location, rng)
+        expected = ("location" if location else "colour" if "colour" in attrs else "size" if "size" in attrs
+                    else "other")
+        assert evaluate.expression_cue(text) == expected, text
+        seen.add(expected)
+    assert seen == set(evaluate.EXPRESSION_CUES)
+
+
+class ScriptedGrounder:
+    """Answers the images of a refer split in ``evaluate_boxes``' order with a given box per sentence."""
+
+    def __init__(self, boxes: list[list[np.ndarray]]) -> None:
+        self.boxes = iter(boxes)
+
+    def ground(self, image: object, texts: list[str]) -> list[dict]:
+        boxes = next(self.boxes)
+        assert len(boxes) == len(texts)
+        return [{"box_xyxy": box.tolist()} for box in boxes]
+
+
+def test_box_evaluation_by_cue_adds_up_to_the_whole_split(refer_root: Path) -> None:
+    from training.datasets import read_refer
+
+    refer = read_refer(refer_root, "refsynth", "unc")
+    sentences = evaluate._refer_sentences(refer, "test")
+    truth = [[refer.ref_box_xyxy(ref) for ref, _ in items] for items in sentences.values()]
+    perfect = evaluate.evaluate_boxes(ScriptedGrounder(truth), refer_root, split="test", by_cue=True)
+    cues = [c for c in evaluate.EXPRESSION_CUES if f"sentences {c}" in perfect]
+    assert len(cues) >= 3 and sum(perfect[f"sentences {c}"] for c in cues) == perfect["sentences"]
+    assert perfect["Acc@0.5"] == 100.0 and all(perfect[f"Acc@0.5 {c}"] == 100.0 for c in cues)
+    chance = sum(perfect[f"chance_Acc@0.5 {c}"] * perfect[f"sentences {c}"] for c in cues) / perfect["sentences"]
+    assert chance == pytest.approx(perfect["chance_Acc@0.5"])
+    # the first object of each image for every sentence: right exactly where that object is the referent
+    first = [[refer.ref_box_xyxy(items[0][0])] * len(items) for items in sentences.values()]
+    picked = evaluate.evaluate_boxes(ScriptedGrounder(first), refer_root, split="test", by_cue=True)
+    assert 0.0 < picked["Acc@0.5"] < 100.0
+    weighted = sum(picked[f"Acc@0.5 {c}"] * picked[f"sentences {c}"] for c in cues) / picked["sentences"]
+    assert weighted == pytest.approx(picked["Acc@0.5"])
+    plain = evaluate.evaluate_boxes(ScriptedGrounder(first), refer_root, split="test")
+    assert plain == {k: v for k, v in picked.items() if k in plain} and "sentences other" not in plain
+
+
+def test_mask_evaluation_by_cue_is_a_partition_of_the_sentences(refer_root: Path) -> None:
+    from models.magnet import MagNetSegmenter
+
+    recipe = get_recipe("magnet")
+    segmenter = MagNetSegmenter.from_config(recipe.model_config(recipe.config("tiny")))
+    metrics = evaluate.evaluate_masks(segmenter, refer_root, split="test", by_cue=True)
+    cues = [c for c in evaluate.EXPRESSION_CUES if f"sentences {c}" in metrics]
+    assert sum(metrics[f"sentences {c}"] for c in cues) == metrics["sentences"]
+    for name in ("mIoU", "chance_mIoU"):
+        weighted = sum(metrics[f"{name} {c}"] * metrics[f"sentences {c}"] for c in cues) / metrics["sentences"]
+        assert weighted == pytest.approx(metrics[name])
+    lines = []
+    evaluate.print_cue_table({"magnet": metrics}, write=lines.append)
+    assert lines[2].startswith("| magnet | mIoU | ") and lines[2].count("sentences") == len(cues)

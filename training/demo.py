@@ -167,7 +167,7 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
     shutil.copyfile(result.export_path, target)
     kept, rows = compact_vocabulary(target, recipe.word_embedding_key,
                                     recipe.text_token_ids(synthetic_texts(data_root / kind, kind), config))
-    metrics = evaluate_demo_entry(method, target, data_root)
+    metrics = evaluate_demo_entry(method, target, data_root, by_cue=True)  # refer models: per cue too
     name, chance = HEADLINE[method]
     entry = {
         "file": target.name, "source": "demo", "config": "demo", "data": f"{kind}: {data_versions(data_root)[kind]}",

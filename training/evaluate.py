@@ -7,7 +7,9 @@
     caption LAPS on a Karpathy split: exact LAPS scores of every image x caption, ``evalrank``'s R@K / rsum.
     box     ScanFormer on a refer split: Acc@0.5 (IoU of the predicted and the annotated box >= 0.5).
     mask    MagNet on a refer split: mIoU / oIoU / prec@X as the official ``test.py`` (at the model's S x S).
-    demo    every model of ``weights/demo/manifest.json`` on its held-out synthetic split, next to chance.
+    demo    every model of ``weights/demo/manifest.json`` on its held-out synthetic split, next to chance;
+            ``--by-cue`` adds ScanFormer's and MagNet's figures per expression cue (location, colour, size,
+            other), as ``box`` / ``mask`` do with the same flag.
 
 Every metric is printed in a table like the papers' (percentages, two decimals).
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +98,42 @@ def evaluate_caption(model: Any, data_root: Path, dataset: str = "synth", split:
 # ------------------------------------------------------------------------------------ refer (boxes, masks)
 
 
+EXPRESSION_CUES: tuple[str, ...] = ("location", "colour", "size", "other")
+
+
+def expression_cue(text: str) -> str:
+    """The cue a referring expression of the synthetic generator relies on, first match wins: ``location`` (a
+    location word), ``colour`` (a colour word, no location), ``size`` (a size word, neither of those), else
+    ``other`` (on the synthetic data: the shape noun alone). On real RefCOCO text the same word lists apply."""
+    from training.synthetic import LOCATION_PHRASES, SHAPE_COLOURS, SIZE_WORDS
+
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    location_words = {word for phrases in LOCATION_PHRASES.values() for phrase in phrases for word in
+                      phrase.split()} - {"on", "to", "at", "the", "in"}
+    if words & location_words:
+        return "location"
+    if words & set(SHAPE_COLOURS):
+        return "colour"
+    if words & {word for options in SIZE_WORDS.values() for word in options}:
+        return "size"
+    return "other"
+
+
+def metrics_by_cue(texts: list[str], values: dict[str, list[float]]) -> dict[str, float]:
+    """``<metric> <cue>`` (the mean of each per-sentence list of ``values`` over the sentences of that cue, in
+    percent) and ``sentences <cue>``, for every cue that occurs."""
+    cues = [expression_cue(text) for text in texts]
+    out: dict[str, float] = {}
+    for cue in EXPRESSION_CUES:
+        chosen = [i for i, c in enumerate(cues) if c == cue]
+        if not chosen:
+            continue
+        for name, per_sentence in values.items():
+            out[f"{name} {cue}"] = 100.0 * float(np.mean([per_sentence[i] for i in chosen]))
+        out[f"sentences {cue}"] = float(len(chosen))
+    return out
+
+
 def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> float:
     inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -120,17 +160,18 @@ def _objects_of_image(refer: Any) -> dict[int, list[dict]]:
 
 
 def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", split_by: str = "unc",
-                   split: str = "test") -> dict[str, float]:
+                   split: str = "test", by_cue: bool = False) -> dict[str, float]:
     """REC Acc@0.5 over every sentence of the split; ``chance``: the expected Acc@0.5 of picking one of the
-    image's annotated objects at random."""
+    image's annotated objects at random. ``by_cue`` adds Acc@0.5 and chance per :func:`expression_cue`."""
     from training.datasets import read_refer
 
     refer = read_refer(data_root, dataset, split_by)
     objects = _objects_of_image(refer)
-    correct, chance, ious = [], [], []
+    correct, chance, ious, texts = [], [], [], []
     for image_id, items in tqdm(_refer_sentences(refer, split).items(), desc="images", unit="image"):
         image = read_image(refer.image_path(items[0][0]))
         results = grounder.ground(image, [text for _, text in items])
+        texts += [text for _, text in items]
         for (ref, _), result in zip(items, results, strict=True):
             target = refer.ref_box_xyxy(ref)
             iou = box_iou_xyxy(np.asarray(result["box_xyxy"], np.float64), target)
@@ -139,15 +180,19 @@ def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", sp
             candidates = [np.array([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                     a["bbox"][1] + a["bbox"][3]]) for a in objects[image_id]]
             chance.append(np.mean([box_iou_xyxy(c, target) >= 0.5 for c in candidates]))
-    return {"Acc@0.5": 100.0 * float(np.mean(correct)), "mean_IoU": 100.0 * float(np.mean(ious)),
-            "chance_Acc@0.5": 100.0 * float(np.mean(chance)), "sentences": float(len(correct))}
+    result = {"Acc@0.5": 100.0 * float(np.mean(correct)), "mean_IoU": 100.0 * float(np.mean(ious)),
+              "chance_Acc@0.5": 100.0 * float(np.mean(chance)), "sentences": float(len(correct))}
+    if by_cue:
+        result.update(metrics_by_cue(texts, {"Acc@0.5": correct, "chance_Acc@0.5": chance}))
+    return result
 
 
 def evaluate_masks(segmenter: Any, data_root: Path, dataset: str = "refsynth", split_by: str = "unc",
-                   split: str = "test") -> dict[str, float]:
+                   split: str = "test", by_cue: bool = False) -> dict[str, float]:
     """Official ``test.py`` metrics at the model's S x S: prediction ``sigmoid > 0.5`` of the S x S logits vs the
     LAVT target (part count == 1) NEAREST-resized to S x S. ``chance_mIoU``: the expected IoU of one of the
-    image's annotated objects picked at random (same target rule)."""
+    image's annotated objects picked at random (same target rule). ``by_cue`` adds mIoU and chance per
+    :func:`expression_cue`."""
     import torch
 
     from models.magnet import mask_probabilities, preprocess_image, reference_target, tokenize_expressions
@@ -156,7 +201,7 @@ def evaluate_masks(segmenter: Any, data_root: Path, dataset: str = "refsynth", s
 
     refer = read_refer(data_root, dataset, split_by)
     objects = _objects_of_image(refer)
-    metrics, chance = ReferSegmentationMetrics(), []
+    metrics, chance, ious, texts = ReferSegmentationMetrics(), [], [], []
     size = segmenter.img_size
     model = segmenter.model
     for image_id, items in tqdm(_refer_sentences(refer, split).items(), desc="images", unit="image"):
@@ -169,13 +214,16 @@ def evaluate_masks(segmenter: Any, data_root: Path, dataset: str = "refsynth", s
         info = refer.images[image_id]
         candidates = [reference_target(decode_segmentation(a["segmentation"], info["height"], info["width"]), size)
                       for a in objects[image_id]]
-        for (ref, _), prob in zip(items, probs, strict=True):
+        for (ref, text), prob in zip(items, probs, strict=True):
             target = reference_target(refer.ref_mask_sum(ref), size)
-            metrics.update(prob > 0.5, target)
+            ious.append(metrics.update(prob > 0.5, target))
+            texts.append(text)
             chance.append(np.mean([_mask_iou(c, target) for c in candidates]))
     result = {k: 100.0 * v for k, v in metrics.summary().items()}
     result["chance_mIoU"] = 100.0 * float(np.mean(chance))
     result["sentences"] = float(metrics.num_sentences)
+    if by_cue:
+        result.update(metrics_by_cue(texts, {"mIoU": ious, "chance_mIoU": chance}))
     return result
 
 
@@ -187,8 +235,10 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------ demo weights
 
 
-def evaluate_demo_entry(method: str, checkpoint: Path, data_root: Path, device: str = "cpu") -> dict[str, float]:
-    """Held-out (``test``) metrics of one demo model on its synthetic benchmark, with the chance level."""
+def evaluate_demo_entry(method: str, checkpoint: Path, data_root: Path, device: str = "cpu",
+                        by_cue: bool = False) -> dict[str, float]:
+    """Held-out (``test``) metrics of one demo model on its synthetic benchmark, with the chance level;
+    ``by_cue``: ScanFormer / MagNet also per :func:`expression_cue`."""
     import importlib
 
     from service.registry import METHODS
@@ -210,8 +260,8 @@ def evaluate_demo_entry(method: str, checkpoint: Path, data_root: Path, device: 
         metrics["chance_i2t_r1"] = 100.0 * 5 / (5 * num_images)
         return metrics
     if method == "scanformer":
-        return evaluate_boxes(model, data_root / "refer")
-    return evaluate_masks(model, data_root / "refer")
+        return evaluate_boxes(model, data_root / "refer", by_cue=by_cue)
+    return evaluate_masks(model, data_root / "refer", by_cue=by_cue)
 
 
 def read_karpathy_ids(caption_root: Path, dataset: str = "synth", split: str = "test") -> list[int]:
@@ -226,7 +276,8 @@ HEADLINE: dict[str, tuple[str, str]] = {  # method -> (metric, its chance level)
 }
 
 
-def evaluate_demo(weights: Path, data_root: Path | None, device: str = "cpu") -> dict[str, dict[str, float]]:
+def evaluate_demo(weights: Path, data_root: Path | None, device: str = "cpu",
+                  by_cue: bool = False) -> dict[str, dict[str, float]]:
     """Every model of ``<weights>/manifest.json``; the synthetic data is (re)generated from the manifest's seed
     and size when ``data_root`` lacks it, and its version must equal the manifest's."""
     from training.demo import ensure_data
@@ -235,7 +286,7 @@ def evaluate_demo(weights: Path, data_root: Path | None, device: str = "cpu") ->
     data_root = ensure_data(data_root, int(manifest["seed"]), manifest["data_size"], manifest["data_versions"])
     results = {}
     for method, entry in manifest["models"].items():
-        results[method] = evaluate_demo_entry(method, weights / entry["file"], data_root, device)
+        results[method] = evaluate_demo_entry(method, weights / entry["file"], data_root, device, by_cue)
     return results
 
 
@@ -245,6 +296,20 @@ def print_demo_table(results: dict[str, dict[str, float]]) -> None:
     for method, metrics in results.items():
         name, chance = HEADLINE[method]
         print(f"| {method} | {name} | {metrics[name]:.2f} | {metrics[chance]:.2f} |")
+
+
+def print_cue_table(results: dict[str, dict[str, float]], write: Callable[[str], Any] = print) -> None:
+    """The headline metric per expression cue (:func:`expression_cue`), for the results that have it."""
+    write("| method | metric | " + " | ".join(EXPRESSION_CUES) + " |")
+    write("|---|---|" + "---|" * len(EXPRESSION_CUES))
+    for method, metrics in results.items():
+        name, chance = HEADLINE[method]
+        if f"sentences {EXPRESSION_CUES[0]}" not in metrics:
+            continue
+        cells = [f"{metrics[f'{name} {cue}']:.2f} (chance {metrics[f'{chance} {cue}']:.2f}, "
+                 f"{metrics[f'sentences {cue}']:.0f} sentences)" if f"sentences {cue}" in metrics else "-"
+                 for cue in EXPRESSION_CUES]
+        write(f"| {method} | {name} | " + " | ".join(cells) + " |")
 
 
 def print_table(title: str, metrics: dict[str, float]) -> None:
@@ -282,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         refer.add_argument("--dataset", default="refcoco")
         refer.add_argument("--split-by", default="unc")
         refer.add_argument("--split", default="val")
+        refer.add_argument("--by-cue", action="store_true",
+                           help="also per expression cue: location, colour, size, other (see expression_cue)")
     demo = sub.add_parser("demo", help="the demo weights on their held-out synthetic splits, next to chance")
     demo.add_argument("--weights", type=Path, default=Path("weights/demo"))
     demo.add_argument("--data", type=Path, help="synthetic data root (generated there when missing)")
+    demo.add_argument("--by-cue", action="store_true",
+                      help="also ScanFormer / MagNet per expression cue: location, colour, size, other")
     for p in (caption, sub.choices["box"], sub.choices["mask"], demo):
         p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -302,20 +371,23 @@ def main(argv: list[str] | None = None) -> int:
         from models.scanformer import ScanFormerGrounder
 
         model = ScanFormerGrounder.from_checkpoint(args.checkpoint, device=args.device)
-        metrics = evaluate_boxes(model, args.root, args.dataset, args.split_by, args.split)
+        metrics = evaluate_boxes(model, args.root, args.dataset, args.split_by, args.split, args.by_cue)
         title = f"scanformer on {args.dataset} ({args.split_by}) {args.split}"
     elif args.task == "mask":
         from models.magnet import MagNetSegmenter
 
         model = MagNetSegmenter.from_checkpoint(args.checkpoint, device=args.device)
-        metrics = evaluate_masks(model, args.root, args.dataset, args.split_by, args.split)
+        metrics = evaluate_masks(model, args.root, args.dataset, args.split_by, args.split, args.by_cue)
         title = f"magnet on {args.dataset} ({args.split_by}) {args.split}"
     else:
-        results = evaluate_demo(args.weights, args.data, args.device)
+        results = evaluate_demo(args.weights, args.data, args.device, args.by_cue)
         if args.json:
             print(json.dumps(results, indent=1))
         else:
             print_demo_table(results)
+            if args.by_cue:
+                print()
+                print_cue_table(results)
         return 0
     if args.json:
         print(json.dumps(metrics))
