@@ -487,6 +487,29 @@ def test_magnet_transform_resizes_image_and_nearest_mask() -> None:
     assert abs(int(out["mask"].sum()) - 24 * 32) <= 2 * (24 + 32)
 
 
+def test_grayscale_only_where_the_expression_names_no_colour() -> None:
+    """``demo_grayscale``: off (the very same transform) at probability 0; otherwise a sample whose expression
+    has a colour word always keeps its colours, and one without loses them in about ``probability`` of the
+    draws, before the wrapped transform runs (its box and mask are untouched)."""
+    inner = D.magnet_train_transform(64)
+    assert D.demo_grayscale(inner, 0.0) is inner
+    transform = D.demo_grayscale(lambda sample: sample, 0.5)
+    torch.manual_seed(0)
+    for text in ("the red square", "Square that is RED on the left"):
+        assert all(np.asarray(transform(_refer_sample(text))["image"])[140, 370].tolist() == [250, 20, 20]
+                   for _ in range(20))
+    grey = 0
+    for _ in range(200):
+        out = transform(_refer_sample("the square on the left"))
+        pixel = np.asarray(out["image"])[140, 370]
+        grey += int(pixel[0] == pixel[1] == pixel[2])
+        assert out["box_xyxy"].tolist() == [320, 100, 420, 180] and int(out["mask"].sum()) == 80 * 100
+    assert 70 <= grey <= 130
+    original = _refer_sample("the square")
+    D.demo_grayscale(lambda sample: sample, 1.0)(original)
+    assert np.asarray(original["image"])[140, 370].tolist() == [250, 20, 20]  # the caller's sample is not changed
+
+
 # ==========================================================================================================
 # text corruption and samplers
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -767,6 +768,34 @@ def magnet_train_transform(img_size: int = 480) -> MagnetTransform:
 
 def magnet_test_transform(img_size: int = 480) -> MagnetTransform:
     return MagnetTransform(img_size)
+
+
+class GrayscaleWithoutColourWords:
+    """Demo-only augmentation (no official recipe has it): with ``probability``, a sample whose expression names
+    no colour gets a grayscale image before ``inner``. The expression still singles the referent out (it never
+    relied on colour), no colour-shape combination is created, and the model must find shapes and sizes by
+    their outlines instead of through the colours they had in training."""
+
+    def __init__(self, inner: Callable[[Sample], Sample], probability: float, colour_words: Sequence[str]) -> None:
+        self.inner = inner
+        self.probability = probability
+        self.colour_words = frozenset(colour_words)
+
+    def __call__(self, sample: Sample) -> Sample:
+        words = set(re.findall(r"[a-z]+", sample["text"].lower()))
+        if not words & self.colour_words and float(torch.rand(())) < self.probability:
+            sample = {**sample, "image": sample["image"].convert("L").convert("RGB")}
+        return self.inner(sample)
+
+
+def demo_grayscale(transform: Callable[[Sample], Sample], probability: float) -> Callable[[Sample], Sample]:
+    """``transform`` behind :class:`GrayscaleWithoutColourWords` with the synthetic generator's colour words, or
+    unchanged when ``probability`` is 0 (every official preset)."""
+    if probability <= 0:
+        return transform
+    from training.synthetic import SHAPE_COLOURS
+
+    return GrayscaleWithoutColourWords(transform, probability, tuple(SHAPE_COLOURS))
 
 
 DIRECTION_WORDS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")
