@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import pickle
 import random
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from models.image_io import truncated_images
+from training.synthetic import SHAPE_COLOURS, expression_words
 
 Tokenize = Callable[[str], Any]
 Sample = dict[str, Any]
@@ -782,8 +782,7 @@ class GrayscaleWithoutColourWords:
         self.colour_words = frozenset(colour_words)
 
     def __call__(self, sample: Sample) -> Sample:
-        words = set(re.findall(r"[a-z]+", sample["text"].lower()))
-        if not words & self.colour_words and float(torch.rand(())) < self.probability:
+        if not expression_words(sample["text"]) & self.colour_words and float(torch.rand(())) < self.probability:
             sample = {**sample, "image": sample["image"].convert("L").convert("RGB")}
         return self.inner(sample)
 
@@ -793,8 +792,6 @@ def demo_grayscale(transform: Callable[[Sample], Sample], probability: float) ->
     unchanged when ``probability`` is 0 (every official preset)."""
     if probability <= 0:
         return transform
-    from training.synthetic import SHAPE_COLOURS
-
     return GrayscaleWithoutColourWords(transform, probability, tuple(SHAPE_COLOURS))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -105,9 +104,9 @@ def expression_cue(text: str) -> str:
     """The cue a referring expression of the synthetic generator relies on, first match wins: ``location`` (a
     location word), ``colour`` (a colour word, no location), ``size`` (a size word, neither of those), else
     ``other`` (on the synthetic data: the shape noun alone). On real RefCOCO text the same word lists apply."""
-    from training.synthetic import LOCATION_PHRASES, SHAPE_COLOURS, SIZE_WORDS
+    from training.synthetic import LOCATION_PHRASES, SHAPE_COLOURS, SIZE_WORDS, expression_words
 
-    words = set(re.findall(r"[a-z]+", text.lower()))
+    words = expression_words(text)
     location_words = {word for phrases in LOCATION_PHRASES.values() for phrase in phrases for word in
                       phrase.split()} - {"on", "to", "at", "the", "in"}
     if words & location_words:

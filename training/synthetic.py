@@ -242,6 +242,12 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9\-]+", text.lower())
 
 
+def expression_words(text: str) -> set[str]:
+    """The lower-case words (letters only) of an expression, as the colour / location / size checks of the
+    evaluation (``training.evaluate.expression_cue``) and of the grey-scale augmentation read it."""
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
 def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
