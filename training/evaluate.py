@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.datasets import PERSON_DATASETS, read_image, read_person_annotations
+from training.synthetic import LOCATION_PHRASES, SHAPE_COLOURS, SIZE_WORDS, expression_words
 
 
 def encode_in_batches(fn: Any, items: list[Any], batch_size: int, desc: str, load: Any = None) -> np.ndarray:
@@ -98,24 +99,21 @@ def evaluate_caption(model: Any, data_root: Path, dataset: str = "synth", split:
 
 
 EXPRESSION_CUES: tuple[str, ...] = ("location", "colour", "size", "other")
+# the generator's words of each cue but "other", in the order expression_cue tries them
+CUE_WORDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("location", frozenset(word for phrases in LOCATION_PHRASES.values() for phrase in phrases
+                           for word in phrase.split()) - {"on", "to", "at", "the", "in"}),
+    ("colour", frozenset(SHAPE_COLOURS)),
+    ("size", frozenset(word for options in SIZE_WORDS.values() for word in options)),
+)
 
 
 def expression_cue(text: str) -> str:
     """The cue a referring expression of the synthetic generator relies on, first match wins: ``location`` (a
     location word), ``colour`` (a colour word, no location), ``size`` (a size word, neither of those), else
     ``other`` (on the synthetic data: the shape noun alone). On real RefCOCO text the same word lists apply."""
-    from training.synthetic import LOCATION_PHRASES, SHAPE_COLOURS, SIZE_WORDS, expression_words
-
     words = expression_words(text)
-    location_words = {word for phrases in LOCATION_PHRASES.values() for phrase in phrases for word in
-                      phrase.split()} - {"on", "to", "at", "the", "in"}
-    if words & location_words:
-        return "location"
-    if words & set(SHAPE_COLOURS):
-        return "colour"
-    if words & {word for options in SIZE_WORDS.values() for word in options}:
-        return "size"
-    return "other"
+    return next((cue for cue, cue_words in CUE_WORDS if words & cue_words), "other")
 
 
 def metrics_by_cue(texts: list[str], values: dict[str, list[float]]) -> dict[str, float]:
