@@ -249,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest.setdefault("models", {})
     results: dict[str, dict[str, float]] = {}
 
+    partial = set(args.methods) != set(METHOD_DATA)
+
     def record(method: str, entry: dict[str, Any], metrics: dict[str, float]) -> None:
         results[method] = metrics
         manifest["models"][method] = {**entry, "command": manifest["command"] + " --methods " + " ".join(args.methods)
-                                      if set(args.methods) != set(METHOD_DATA) else manifest["command"]}
-        if set(args.methods) == set(METHOD_DATA):  # a partial re-train keeps the whole run's wall time
+                                      if partial else manifest["command"]}
+        if not partial:  # a partial re-train keeps the whole run's wall time
             manifest["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
 
