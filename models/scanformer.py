@@ -260,6 +260,7 @@ class ScanOutput:
     kept: list[torch.Tensor]  # per scale [B, G_l] bool: patch tokens actually fed (s_i > 0)
     steps: list[ScanStep]  # token counts of every step, for FLOP counting
     patch_feats: list[torch.Tensor] | None = None  # per scale [B, G_l, D] final hidden state (return_tokens)
+    select_scores: list[torch.Tensor] = field(default_factory=list)  # r_i as select_logits, with gradient
 
     @property
     def kept_counts(self) -> torch.Tensor:
@@ -460,6 +461,7 @@ class ScanFormer(nn.Module):
         keep_fractions: Sequence[float] | None = None,
         merge_constant_tokens: bool | None = None,
         return_tokens: bool = False,
+        score_every_scale: bool = False,
     ) -> ScanOutput:
         """Scan the pyramid of ``pixel_values`` [B, 3, S, S] (the finest canvas) for ``text_ids`` [B, L].
 
@@ -470,6 +472,8 @@ class ScanFormer(nn.Module):
         ``keep_fractions`` (eval only) replaces the learned threshold: at every scale after the first, keep
         the top fraction of that scale's grid by r (used by the benchmark). ``merge_constant_tokens``
         overrides the config in eval; training always feeds every position (static shapes, soft s).
+        ``score_every_scale`` also runs the selection head on the last scale (for ``select_scores`` only; no
+        later scale uses it).
         """
         cfg = self.cfg
         if self.training and keep_fractions is not None:
@@ -488,7 +492,7 @@ class ScanFormer(nn.Module):
 
         steps: list[ScanStep] = []
         selection = torch.ones(batch, cfg.grid_sizes[0] ** 2, device=pixel_values.device)
-        selections, logits_out, kept_out, boxes, regs, feats = [], [], [], [], [], []
+        selections, logits_out, scores_out, kept_out, boxes, regs, feats = [], [], [], [], [], [], []
         for scale, image in enumerate(pyramid):
             grid = cfg.grid_sizes[scale]
             patches = _cut_patches(image, cfg.vilt.patch_size)
@@ -522,7 +526,13 @@ class ScanFormer(nn.Module):
                 else:
                     child = self.selection_factor(logits)
                 logits_out.append(logits.detach().masked_fill(~kept, float("-inf")))  # r of fed patches only
+                scores_out.append(logits)
                 next_selection = _to_children(selection * child, grid)
+            elif score_every_scale:
+                scores = self.select_head(x[:, first + 1 :]).float()
+                if slots is not None:
+                    scores = self._scatter_slots(scores, slots, grid * grid, float("-inf"))
+                scores_out.append(scores)
             x = self._run_layers(x, key_bias, cache, range(split, self.num_layers), query_bias)  # Encoder2
             cache.extend_bias(key_bias)
             x = x[:, first:]
@@ -547,6 +557,7 @@ class ScanFormer(nn.Module):
             kept=kept_out,
             steps=steps,
             patch_feats=feats if return_tokens else None,
+            select_scores=scores_out,
         )
 
     def _merged_inputs(

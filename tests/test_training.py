@@ -378,3 +378,75 @@ def test_scanformer_scratch_position_grid_varies_everywhere_and_respects_distanc
     rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
     grid_step = (rows[nearest] - rows).abs() + (cols[nearest] - cols).abs()
     assert bool((grid_step == 1).all()), grid_step.view(grid, grid)
+
+
+def test_scanformer_box_cell_targets_mark_the_cells_a_box_overlaps() -> None:
+    from training.recipes.scanformer import box_cell_targets
+
+    boxes = torch.tensor([[0.125, 0.125, 0.1, 0.1],  # inside the top-left cell of a 4x4 grid
+                          [0.5, 0.625, 0.2, 0.1],  # across the two middle columns of the third row
+                          [0.5, 0.5, 1.0, 1.0]])  # the whole canvas
+    cells = box_cell_targets(boxes, 4).view(3, 4, 4)
+    expected_first = torch.zeros(4, 4)
+    expected_first[0, 0] = 1
+    expected_second = torch.zeros(4, 4)
+    expected_second[2, 1:3] = 1  # rows are y, columns are x, as the row-major patch order
+    assert torch.equal(cells[0], expected_first)
+    assert torch.equal(cells[1], expected_second)
+    assert bool((cells[2] == 1).all())
+    assert torch.equal(box_cell_targets(boxes[:1], 2), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_scanformer_selection_box_loss_trains_the_selection_towards_the_target_cells() -> None:
+    """The demo aid reaches the selection head and the text embeddings, covers the last scale only when asked,
+    and a few steps on it alone raise the selection logits of the target's cells above the others."""
+    from models.tokenizers import bert_tokenizer
+    from training.recipes.scanformer import box_cell_targets, selection_box_loss
+
+    recipe = get_recipe("scanformer")
+    config = tiny_config("scanformer", select_box_weight=1.0)
+    seed_everything(0)
+    model = recipe.build_model(config)
+    model.train()
+    tokens = bert_tokenizer()(["the red star", "the blue circle"], return_tensors="pt", padding=True)
+    images = torch.randn(2, 3, 64, 64)
+    boxes = torch.tensor([[0.25, 0.25, 0.3, 0.3], [0.75, 0.75, 0.3, 0.3]])
+    grids = model.cfg.grid_sizes
+    out = model(tokens["input_ids"], tokens["attention_mask"], images)
+    assert len(out.select_scores) == model.cfg.num_scales - 1
+    every = model(tokens["input_ids"], tokens["attention_mask"], images, score_every_scale=True)
+    assert len(every.select_scores) == model.cfg.num_scales
+    selection_box_loss(out, boxes, grids).backward()
+    assert float(model.select_head.fc2.weight.grad.abs().sum()) > 0
+    assert float(model.text_embeddings.word_embeddings.weight.grad.abs().sum()) > 0
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        out = model(tokens["input_ids"], tokens["attention_mask"], images, score_every_scale=True)
+        selection_box_loss(out, boxes, grids).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(tokens["input_ids"], tokens["attention_mask"], images, merge_constant_tokens=False,
+                    score_every_scale=True)
+    last = out.select_scores[-1]
+    target = box_cell_targets(boxes, grids[-1]).bool()
+    assert float(last[target].min()) > float(last[~target].max())
+
+
+def test_scanformer_word_init_std_makes_a_word_look_alike_at_every_position() -> None:
+    """At the default N(0, 0.02) the word, position and type tables are equally large, so after the
+    LayerNorm one word at two positions is barely alike; ``word_init_std`` 0.1 makes the word dominate."""
+    recipe = get_recipe("scanformer")
+    ids = torch.tensor([[101, 2417, 2732, 102], [101, 1996, 2417, 2732]])  # "red" at positions 1 and 2
+
+    def same_word_cosine(word_std: float) -> float:
+        seed_everything(0)
+        model = recipe.build_model({**recipe.config("demo"), "word_init_std": word_std})
+        with torch.no_grad():
+            text = model.text_embeddings(ids)
+        return float(torch.nn.functional.cosine_similarity(text[0, 1], text[1, 2], dim=0))
+
+    assert same_word_cosine(0.0) < 0.8
+    assert same_word_cosine(0.1) > 0.9

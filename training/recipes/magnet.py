@@ -178,13 +178,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)).mean()
 
 
-def scratch_init(model: nn.Module) -> None:
+def scratch_init(model: MagNetTrainModel, word_std: float = 0.0) -> None:
     """Initialisation for training from random weights (demo only; the release starts from ImageNet Swin and
     BERT): the upstream inits of each part instead of PyTorch's defaults - Linear weights truncated
     N(0, 0.02) with zero biases (Swin / BERT / Mask2Former), Embedding N(0, 0.02) (BERT), LayerNorm 1 / 0, and
     Deformable DETR's ``MSDeformAttn._reset_parameters`` (zero offset weights with a ring of initial sampling
     directions as biases, uniform attention weights, Xavier value / output projections)."""
     init_dense_layers(model, lambda linear: nn.init.trunc_normal_(linear.weight, std=0.02))
+    if word_std:
+        nn.init.normal_(model.magnet.language_model.embeddings.word_embeddings.weight, std=word_std)
     for module in model.modules():
         if isinstance(module, MSDeformAttn):
             nn.init.zeros_(module.sampling_offsets.weight)
@@ -225,7 +227,7 @@ class MagNetRecipe(Recipe):
         model = MagNetTrainModel(self.model_config(config), config["grounding_weight"] > 0,
                                  int(config["grounding_layers"]))
         if config.get("scratch_init"):
-            scratch_init(model)
+            scratch_init(model, float(config.get("word_init_std", 0.0)))
         return model
 
     def train_dataset(self, data_dir: Path, config: Config) -> ReferDataset:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import load_checkpoint_file
-from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, scanformer_losses
+from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, ScanOutput, scanformer_losses
 from models.tokenizers import bert_tokenizer
 from models.vilt import ViltConfig
 from training.datasets import ReferDataset, demo_grayscale, image_reader, read_refer, scanformer_train_transform
@@ -39,6 +40,8 @@ from training.trainer import (
 OFFICIAL: Config = {
     "image_cache_mb": 0,  # MB of decoded images held in memory per data process (0: read every time)
     "grayscale_without_colour": 0.0,  # demo only: P(grayscale image | no colour word), GrayscaleWithoutColourWords
+    "select_box_weight": 0.0,  # demo only: weight of selection_box_loss (selection logits vs. target box cells)
+    "select_box_every_scale": False,  # demo only: selection_box_loss on the last scale's patches too
     "dataset": "refcoco", "split_by": "unc", "epochs": 20, "batch_size": 256, "num_workers": 0,
     "log_every": 50, "save_every": 0, "seed": 0, "clip_grad_norm": 0.15,
     "model": ScanFormerConfig().to_dict(), "vilt_checkpoint": None,
@@ -124,7 +127,7 @@ def sincos_position_grid(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([table, table.new_zeros(grid * grid, dim - table.shape[1])], dim=1)
 
 
-def scratch_init(model: ScanFormer, std: float = 0.0) -> None:
+def scratch_init(model: ScanFormer, std: float = 0.0, word_std: float = 0.0) -> None:
     """Initialisation for training WITHOUT a ViLT checkpoint (demo only). Linear weights N(0, std), by default
     std = 1/sqrt(fan_in) (ViLT's 0.02 suits width 768; at width 32 it leaves attention uniform for hundreds
     of steps), zero biases; Embedding N(0, 0.02) (PyTorch's N(0, 1) modality vector drowned the patch
@@ -132,11 +135,36 @@ def scratch_init(model: ScanFormer, std: float = 0.0) -> None:
     checkpoint would overwrite carries no position, so the [REG] token could not localise)."""
     init_dense_layers(model, lambda linear: nn.init.normal_(linear.weight, std=std or linear.in_features ** -0.5))
     nn.init.constant_(model.select_head.fc2.bias, model.cfg.select_bias_init)
+    if word_std:
+        nn.init.normal_(model.text_embeddings.word_embeddings.weight, std=word_std)
     transformer = model.transformer
     nn.init.trunc_normal_(transformer.cls_token, std=0.02)
     grid = int(round((transformer.pos_embed.shape[1] - 1) ** 0.5))
     with torch.no_grad():
         transformer.pos_embed[0, 1:] = sincos_position_grid(grid, transformer.pos_embed.shape[2])
+
+
+def box_cell_targets(boxes_cxcywh: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, grid * grid] (row-major, as the patch order): 1 where a cell of the square canvas overlaps the
+    normalised (cx, cy, w, h) box, else 0."""
+    lo = boxes_cxcywh[:, :2] - boxes_cxcywh[:, 2:] / 2
+    hi = boxes_cxcywh[:, :2] + boxes_cxcywh[:, 2:] / 2
+    edges = torch.arange(grid, device=boxes_cxcywh.device, dtype=boxes_cxcywh.dtype) / grid
+    inside = (lo[:, :, None] < edges + 1 / grid) & (hi[:, :, None] > edges)  # [B, (x, y), grid]
+    return (inside[:, 1, :, None] & inside[:, 0, None, :]).flatten(1).to(boxes_cxcywh.dtype)
+
+
+def selection_box_loss(out: ScanOutput, boxes_cxcywh: torch.Tensor, grids: list[int]) -> torch.Tensor:
+    """Demo training aid, not in the paper: binary cross-entropy between each scale's selection logits r_i
+    and whether patch i overlaps the target box, over the patches fed at that scale, averaged over scales.
+    It tells the selection which regions the expression needs - what the paper's selection should learn
+    from the box loss alone - and gives every patch a gradient that depends on the text."""
+    terms = []
+    for scores, kept, grid in zip(out.select_scores, out.kept, grids, strict=False):
+        target = box_cell_targets(boxes_cxcywh.to(scores.dtype), grid)
+        loss = F.binary_cross_entropy_with_logits(scores, target, reduction="none")
+        terms.append((loss * kept).sum() / kept.sum().clamp(min=1))
+    return torch.stack(terms).mean()
 
 
 class ScanFormerRecipe(Recipe):
@@ -152,7 +180,7 @@ class ScanFormerRecipe(Recipe):
     def build_model(self, config: Config) -> nn.Module:
         model = ScanFormer(self.model_config(config))
         if config.get("scratch_init"):
-            scratch_init(model, float(config.get("init_std", 0.0)))
+            scratch_init(model, float(config.get("init_std", 0.0)), float(config.get("word_init_std", 0.0)))
         if config.get("vilt_checkpoint"):
             model.init_from_vilt(load_checkpoint_file(config["vilt_checkpoint"]))
         return model
@@ -194,9 +222,13 @@ class ScanFormerRecipe(Recipe):
 
     def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> Losses:
         scan: ScanFormer = model  # type: ignore[assignment]
-        out = scan(batch["input_ids"], batch["attention_mask"], batch["images"])
+        weight = float(ctx.config.get("select_box_weight", 0.0))
+        out = scan(batch["input_ids"], batch["attention_mask"], batch["images"],
+                   score_every_scale=weight > 0 and bool(ctx.config.get("select_box_every_scale", False)))
         parts = scanformer_losses(out, batch["boxes"], scan.cfg)
         result: Losses = {"box_loss": parts["bbox"], "sparse_loss": parts["sparse"]}
+        if weight > 0 and out.select_scores:
+            result["select_box_loss"] = weight * selection_box_loss(out, batch["boxes"], scan.cfg.grid_sizes)
         for scale in range(scan.cfg.num_scales):
             result[f"l1_{scale}"] = parts[f"l1_{scale}"].detach()
             result[f"giou_{scale}"] = parts[f"giou_{scale}"].detach()
