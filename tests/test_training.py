@@ -3,6 +3,7 @@ loads in the service adapter."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -450,3 +451,25 @@ def test_scanformer_word_init_std_makes_a_word_look_alike_at_every_position() ->
 
     assert same_word_cosine(0.0) < 0.8
     assert same_word_cosine(0.1) > 0.9
+
+
+def test_demo_manifest_updates_keep_what_another_run_wrote_meanwhile(tmp_path: Path) -> None:
+    """Two partial demo runs into one folder: each writes its method into the file as it is on disk, so the
+    entry the other run wrote after this one started is kept; a partial run keeps the whole run's command and
+    wall time, a whole run replaces them."""
+    from training.demo import update_manifest
+
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"command": "old", "total_seconds": 1500.0, "models": {"irra": {"file": "irra.pth"}}}))
+    header = {"command": "python -m training.demo --out weights/demo", "seed": 0}
+    update_manifest(path, header, "scanformer", {"file": "scanformer.pth"}, None)  # the first partial run ends
+    update_manifest(path, header, "magnet", {"file": "magnet.pth"}, None)  # the second, started before that
+    manifest = json.loads(path.read_text())
+    assert set(manifest["models"]) == {"irra", "scanformer", "magnet"}
+    assert manifest["command"] == "old" and manifest["total_seconds"] == 1500.0  # partial: the whole run's
+    assert manifest["seed"] == 0
+    update_manifest(path, header, "magnet", {"file": "magnet.pth", "seconds": 2.0}, 1234.56)  # a whole run
+    manifest = json.loads(path.read_text())
+    assert manifest["models"]["magnet"]["seconds"] == 2.0 and manifest["total_seconds"] == 1234.6
+    assert manifest["command"] == header["command"]
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no staging file left behind

@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
 import pickle
 import platform
 import shutil
@@ -203,6 +204,24 @@ def balanced_queues(methods: list[str], jobs: int) -> list[list[str]]:
     return [sorted(queue, key=lambda m: -EXPECTED_SECONDS[m]) for queue in best]
 
 
+def update_manifest(path: Path, header: dict[str, Any], method: str, entry: dict[str, Any],
+                    whole_run_seconds: float | None) -> None:
+    """Write ``method``'s entry (and the run's ``header`` fields) into the manifest as it is on disk at this
+    moment, read just before writing, and replace the file atomically: two demo runs re-training different
+    methods into the same folder keep each other's entries. ``whole_run_seconds`` None marks a partial
+    re-train (``--methods``): the manifest keeps the whole run's ``command`` and ``total_seconds`` (the entry
+    records its own command)."""
+    manifest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    partial = whole_run_seconds is None
+    manifest.update({k: v for k, v in header.items() if not (partial and k == "command" and k in manifest)})
+    manifest.setdefault("models", {})[method] = entry
+    if not partial:
+        manifest["total_seconds"] = round(whole_run_seconds, 1)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(manifest, indent=1) + "\n")
+    staging.replace(path)
+
+
 def run_queue(methods: list[str], data_root: Path, work: Path, out: Path, threads: int, time_scale: float
               ) -> tuple[list[tuple[str, dict[str, Any], dict[str, float]]], list[tuple[str, str]]]:
     """Train ``methods`` one after another in this process; one failure does not stop the others. Returns
@@ -234,30 +253,26 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or data_root.parent / "demo-work"
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "manifest.json"
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     command = "python -m training.demo --out weights/demo"
     extra = [f"--{k.replace('_', '-')} {v}" for k, v in (("jobs", args.jobs), ("threads", args.threads),
                                                            ("time_scale", args.time_scale))
              if v != parser.get_default(k)]
-    manifest.update({
+    header = {
         "command": " ".join([command, *extra]),
         "evaluate": "python -m training.evaluate demo",
         "seed": DEMO_SEED, "data_size": DEMO_SIZE, "data_versions": versions, "split": "test (held-out combinations)",
         "note": "small configurations of the official architectures trained from random weights on synthetic "
                 "data; for trying the service, not for real images",
-    })
-    manifest.setdefault("models", {})
+    }
     results: dict[str, dict[str, float]] = {}
 
     partial = set(args.methods) != set(METHOD_DATA)
 
     def record(method: str, entry: dict[str, Any], metrics: dict[str, float]) -> None:
         results[method] = metrics
-        manifest["models"][method] = {**entry, "command": manifest["command"] + " --methods " + " ".join(args.methods)
-                                      if partial else manifest["command"]}
-        if not partial:  # a partial re-train keeps the whole run's wall time
-            manifest["total_seconds"] = round(time.perf_counter() - started, 1)
-        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        entry = {**entry, "command": header["command"] + " --methods " + " ".join(args.methods)
+                 if partial else header["command"]}
+        update_manifest(manifest_path, header, method, entry, None if partial else time.perf_counter() - started)
 
     queues = balanced_queues(args.methods, max(1, args.jobs))
     if len(queues) == 1:
