@@ -42,6 +42,7 @@ MASK_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 103, 101, 102, 0
 OFFICIAL: Config = {
     "image_cache_mb": 0,  # MB of decoded images held in memory per data process (0: read every time)
     "grayscale_without_colour": 0.0,  # demo only: P(grayscale image | no colour word), GrayscaleWithoutColourWords
+    "word_init_std": 0.0,  # demo only (scratch_init): std of the word embeddings; 0 keeps BERT's N(0, 0.02)
     "dataset": "refcoco", "split_by": "unc", "epochs": 40, "batch_size": 32, "num_workers": 0, "log_every": 50,
     "save_every": 0, "seed": 0, "clip_grad_norm": None,
     "model": MagNetConfig().to_dict(),
@@ -188,7 +189,8 @@ def scratch_init(model: MagNetTrainModel, word_std: float = 0.0) -> None:
     BERT): the upstream inits of each part instead of PyTorch's defaults - Linear weights truncated
     N(0, 0.02) with zero biases (Swin / BERT / Mask2Former), Embedding N(0, 0.02) (BERT), LayerNorm 1 / 0, and
     Deformable DETR's ``MSDeformAttn._reset_parameters`` (zero offset weights with a ring of initial sampling
-    directions as biases, uniform attention weights, Xavier value / output projections)."""
+    directions as biases, uniform attention weights, Xavier value / output projections). ``word_std`` > 0
+    draws the BERT word embeddings from N(0, word_std) instead, so that a word outweighs its position."""
     init_dense_layers(model, lambda linear: nn.init.trunc_normal_(linear.weight, std=0.02))
     if word_std:
         nn.init.normal_(model.magnet.language_model.embeddings.word_embeddings.weight, std=word_std)

@@ -42,6 +42,7 @@ OFFICIAL: Config = {
     "grayscale_without_colour": 0.0,  # demo only: P(grayscale image | no colour word), GrayscaleWithoutColourWords
     "select_box_weight": 0.0,  # demo only: weight of selection_box_loss (selection logits vs. target box cells)
     "select_box_every_scale": False,  # demo only: selection_box_loss on the last scale's patches too
+    "word_init_std": 0.0,  # demo only (scratch_init): std of the word embeddings; 0 keeps BERT's N(0, 0.02)
     "dataset": "refcoco", "split_by": "unc", "epochs": 20, "batch_size": 256, "num_workers": 0,
     "log_every": 50, "save_every": 0, "seed": 0, "clip_grad_norm": 0.15,
     "model": ScanFormerConfig().to_dict(), "vilt_checkpoint": None,
@@ -92,7 +93,8 @@ OFFICIAL: Config = {
 # adds no parameters and no measurable time. Side by side on an AMD EPYC family 25 model 1, 16 epochs,
 # held-out Acc@0.5 against this preset without it (31.23): weight 1 37.04, 4 43.25, 8 52.09 (colour
 # expressions 55.50 against 19.14), 16 46.28; weight 8 plus grey-scale images 42.68, plus ``word_init_std``
-# 0.1 45.87; weight 4 also on the finest scale (``select_box_every_scale``) 38.43. Single runs move by about 5.
+# 0.1 45.87; weight 4 also on the finest scale (``select_box_every_scale``) 38.43. Single runs move by about 5;
+# weight 8 with seed 1 gave 50.70.
 DEMO: Config = {
     **OFFICIAL, "image_cache_mb": 1024,  # the demo data fits decoded in memory
     "dataset": "refsynth", "epochs": 16, "batch_size": 64, "log_every": 10, "clip_grad_norm": 1.0, "lr": 2e-3,
@@ -142,7 +144,8 @@ def scratch_init(model: ScanFormer, std: float = 0.0, word_std: float = 0.0) -> 
     std = 1/sqrt(fan_in) (ViLT's 0.02 suits width 768; at width 32 it leaves attention uniform for hundreds
     of steps), zero biases; Embedding N(0, 0.02) (PyTorch's N(0, 1) modality vector drowned the patch
     content); LayerNorm 1/0; class token N(0, 0.02); a fixed 2D sin-cos ``pos_embed`` grid (the zero grid a
-    checkpoint would overwrite carries no position, so the [REG] token could not localise)."""
+    checkpoint would overwrite carries no position, so the [REG] token could not localise). ``word_std`` > 0
+    draws the word embeddings from N(0, word_std) instead, so that a word outweighs its position."""
     init_dense_layers(model, lambda linear: nn.init.normal_(linear.weight, std=std or linear.in_features ** -0.5))
     nn.init.constant_(model.select_head.fc2.bias, model.cfg.select_bias_init)
     if word_std:
