@@ -148,6 +148,68 @@ def test_the_decoded_image_cache_leaves_training_unchanged(method: str, data_roo
         assert torch.equal(value, states[1][name]), name
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_training_only_the_used_vocabulary_rows_gives_the_same_model(method: str, data_root: Path,
+                                                                      tmp_path: Path) -> None:
+    """``train(vocabulary_rows=...)`` (what ``training.demo`` does) trains only the word-table rows the texts
+    use: every other tensor and those rows come out bit for bit as with the whole table, the checkpoint keeps
+    the whole table under its usual name, and resuming continues exactly."""
+    from training.demo import METHOD_DATA, synthetic_texts
+
+    recipe = get_recipe(method)
+    kind = METHOD_DATA[method]
+    config = tiny_config(method, epochs=100)
+    texts = synthetic_texts(data_root / kind, kind)
+    if method == "irra":  # MLM's random replacements reach every row: no subset (the demo preset has no MLM)
+        assert recipe.vocabulary_rows(texts, config) is None
+        config["model"]["loss_names"] = recipe.config("demo")["model"]["loss_names"]
+    if method == "laps":  # the caption corruption draws random tokens (the demo preset has none)
+        assert recipe.vocabulary_rows(texts, {**config, "size_augment": True}) is None
+        config["size_augment"] = False
+    rows = recipe.vocabulary_rows(texts, config)
+    assert rows is not None
+    train(recipe, data_root / kind, tmp_path / "whole", config, max_steps=3, progress=False)
+    train(recipe, data_root / kind, tmp_path / "rows", config, max_steps=2, progress=False, vocabulary_rows=rows)
+    train(recipe, data_root / kind, tmp_path / "rows", config, max_steps=3, progress=False, vocabulary_rows=rows,
+          resume=True)
+    whole, used = (torch.load(tmp_path / name / "last.pth", weights_only=True) for name in ("whole", "rows"))
+    assert whole["model"].keys() == used["model"].keys()
+    table = next(k for k in whole["model"] if k.endswith(recipe.word_embedding_key))
+    assert whole["model"][table].shape == used["model"][table].shape
+    for name, value in whole["model"].items():
+        if name != table:
+            assert torch.equal(value, used["model"][name]), name
+    keep = sorted(rows)
+    assert torch.equal(whole["model"][table][keep], used["model"][table][keep])
+    # the optimiser holds the used rows instead of the table (MagNet's Mask Grounding head has V rows too)
+    def state_shapes(run: dict[str, Any]) -> list[tuple[int, ...]]:
+        return sorted(tuple(t.shape) for s in run["optimizer"]["state"].values() for t in s.values() if t.dim() == 2)
+
+    whole_shapes, used_shapes = state_shapes(whole), state_shapes(used)
+    table_shape, rows_shape = tuple(whole["model"][table].shape), (len(keep), whole["model"][table].shape[1])
+    moved = whole_shapes.count(table_shape) - used_shapes.count(table_shape)
+    assert moved > 0 and used_shapes.count(rows_shape) - whole_shapes.count(rows_shape) == moved
+
+
+def test_trained_rows_embedding_refuses_ids_outside_its_rows() -> None:
+    from training.trainer import TrainedRowsEmbedding
+
+    full = torch.nn.Embedding(50, 4, padding_idx=0)
+    embedding = TrainedRowsEmbedding(full, [3, 7, 9])
+    ids = torch.tensor([[3, 9, 0, 0]])
+    assert torch.equal(embedding(ids), full(ids))
+    assert sorted(embedding.rows.tolist()) == [0, 3, 7, 9]  # the padding row comes along
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        embedding(torch.tensor([[3, 5]]))
+    state = embedding.state_dict()
+    assert list(state) == ["weight"] and state["weight"].shape == (50, 4)
+    other = torch.randn(50, 4)
+    embedding.load_state_dict({"weight": other})
+    assert torch.equal(embedding(ids), torch.nn.functional.embedding(ids, other, 0))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        embedding.load_state_dict({"weight": torch.zeros(49, 4)})
+
+
 # ---------------------------------------------------------------------------------------- official defaults
 
 

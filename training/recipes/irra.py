@@ -108,6 +108,10 @@ class IRRARecipe(Recipe):
         tokens = irra_tokenizer(self.model_config(config).context_length)(texts)
         return {int(i) for i in np.unique(tokens)}
 
+    def vocabulary_rows(self, texts: list[str], config: Config) -> set[int] | None:
+        """None with MLM: its 10% random replacements can draw any token."""
+        return None if "mlm" in self.model_config(config).tasks else self.text_token_ids(texts, config)
+
     def build_model(self, config: Config) -> nn.Module:
         return IRRA(self.model_config(config))
 

@@ -120,6 +120,10 @@ class LapsRecipe(Recipe):
         values = dict(config["model"])
         return LapsConfig(margin=config["margin"], ratio_weight=config["ratio_weight"], **values)
 
+    def vocabulary_rows(self, texts: list[str], config: Config) -> set[int] | None:
+        """None with the caption corruption (``size_augment``): it draws random vocabulary tokens."""
+        return None if config["size_augment"] else self.text_token_ids(texts, config)
+
     def build_model(self, config: Config) -> nn.Module:
         return LapsModel(self.model_config(config))
 

@@ -234,6 +234,11 @@ class MagNetRecipe(Recipe):
     def model_config(self, config: Config) -> MagNetConfig:
         return MagNetConfig.from_dict(dict(config["model"]))
 
+    def vocabulary_rows(self, texts: list[str], config: Config) -> set[int] | None:
+        """The texts' rows, plus [MASK] when Mask Grounding masks words."""
+        rows = self.text_token_ids(texts, config)
+        return rows | {MASK_TOKEN_ID} if config["grounding_weight"] > 0 else rows
+
     def build_model(self, config: Config) -> nn.Module:
         model = MagNetTrainModel(self.model_config(config), config["grounding_weight"] > 0,
                                  int(config["grounding_layers"]))

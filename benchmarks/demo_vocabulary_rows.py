@@ -1,0 +1,96 @@
+"""Training step of each demo preset with the whole word table trained against only the rows the texts use.
+
+Usage: ``python -m benchmarks.demo_vocabulary_rows [--steps 10] [--repeats 5] [--methods magnet ivt]
+[--data DIR]``
+
+The demo models carry BERT's 30522-row or CLIP's 49408-row word table, of which the synthetic texts use a few
+dozen rows. Training the whole table makes every step compute a dense ``[V, D]`` gradient and run the
+optimiser over it; ``training.trainer.TrainedRowsEmbedding`` (what ``training.demo`` uses) trains only the
+used rows, with the same result on those rows bit for bit (``tests/test_training.py``). For each method this
+builds the demo preset's model twice from the same seed (whole table / used rows only) and times one training
+step (the recipe's loss, backward, the preset's gradient clipping, the optimiser step; one thread) on the same
+prepared batches, ``--steps`` steps per measurement, the two alternately, ``--repeats`` times. It prints the
+medians per step and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.demo import DEMO_SEED, DEMO_SIZE, METHOD_DATA, ensure_data, synthetic_texts
+from training.recipes import get_recipe
+from training.trainer import StepContext, train_only_vocabulary_rows
+
+
+class Trainee:
+    """One model with its optimiser, stepping through prepared batches."""
+
+    def __init__(self, recipe: Any, config: dict[str, Any], rows: set[int] | None) -> None:
+        torch.manual_seed(0)
+        self.recipe, self.config = recipe, config
+        self.model = recipe.build_model(config)
+        if rows is not None:
+            train_only_vocabulary_rows(self.model, recipe.word_embedding_key, rows)
+        self.model.train()
+        self.optimizer = recipe.optimizer(recipe.param_groups(self.model, config), config)
+
+    def step_ms(self, batches: list[Any]) -> float:
+        clip = self.config.get("clip_grad_norm")
+        start = time.perf_counter()
+        for index, batch in enumerate(batches):
+            ctx = StepContext(1, index, index, len(batches), self.config, torch.device("cpu"))
+            losses = self.recipe.loss(self.model, batch, ctx)
+            total = sum(v for k, v in losses.items() if "loss" in k)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+            self.optimizer.step()
+        return (time.perf_counter() - start) * 1000.0 / len(batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_vocabulary_rows",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["irra", "ivt", "laps", "magnet", "scanformer"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data", type=Path, help="synthetic demo data root (default: training.demo's cache)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
+    print(f"{'method':<11} {'rows used':>9} {'of':>6} {'whole table ms':>14} {'used rows ms':>12} {'ratio':>6}")
+    for method in args.methods:
+        recipe = get_recipe(method)
+        config = copy.deepcopy(recipe.config("demo"))
+        kind = METHOD_DATA[method]
+        dataset = recipe.train_dataset(root / kind, config)
+        rows = recipe.text_token_ids(synthetic_texts(root / kind, kind), config)
+        size = int(config["batch_size"])
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        batches = [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config)
+                   for b in range(args.steps)]
+        whole, used = Trainee(recipe, config, None), Trainee(recipe, config, rows)
+        vocabulary = used.model.get_submodule(
+            next(n for n, m in used.model.named_modules() if hasattr(m, "row_of"))).num_embeddings
+        whole.step_ms(batches[:2])  # warm-up: allocator, lazily built kernels
+        used.step_ms(batches[:2])
+        whole_times, used_times = [], []
+        for _ in range(args.repeats):
+            whole_times.append(whole.step_ms(batches))
+            used_times.append(used.step_ms(batches))
+        whole_ms, used_ms = statistics.median(whole_times), statistics.median(used_times)
+        print(f"{method:<11} {len(rows):>9} {vocabulary:>6} {whole_ms:>14.1f} {used_ms:>12.1f} "
+              f"{whole_ms / used_ms:>6.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
