@@ -191,6 +191,29 @@ def test_training_only_the_used_vocabulary_rows_gives_the_same_model(method: str
     assert moved > 0 and used_shapes.count(rows_shape) - whole_shapes.count(rows_shape) == moved
 
 
+@pytest.mark.parametrize("method", ["ivt", "magnet"])
+def test_demo_run_method_trains_compacts_and_evaluates(method: str, data_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``training.demo.run_method`` end to end on the tiny data with the tiny preset standing in for the demo
+    one: it trains only the used vocabulary rows, writes the compacted file and its manifest entry."""
+    import training.demo as demo
+
+    recipe = get_recipe(method)
+    monkeypatch.setitem(recipe.configs, "demo", {**recipe.configs["tiny"], "log_every": 1})
+    name, entry, metrics = demo.run_method(method, data_root, tmp_path / "work", tmp_path, threads=1, time_scale=1.0)
+    assert name == method and (tmp_path / f"{method}.pth").exists()
+    assert entry["train"]["steps"] > 0 and entry["metric"] in metrics
+    kept, rows = entry["vocabulary_rows_kept"]
+    assert 10 < kept < rows
+    # the training run held the used rows only: its optimiser state has no whole-table tensor
+    state = torch.load(tmp_path / "work" / method / "last.pth", weights_only=True)
+    table = next(v for k, v in state["model"].items() if k.endswith(recipe.word_embedding_key))
+    shapes = [tuple(t.shape) for s in state["optimizer"]["state"].values() for t in s.values() if t.dim() == 2]
+    whole = shapes.count(tuple(table.shape))
+    grounding_head = 2 if method == "magnet" else 0  # Mask Grounding's vocabulary classifier (Adam: 2 moments)
+    assert whole == grounding_head
+
+
 def test_trained_rows_embedding_refuses_ids_outside_its_rows() -> None:
     from training.trainer import TrainedRowsEmbedding
 
