@@ -637,3 +637,24 @@ def test_random_identity_sampler() -> None:
     assert order == list(sampler)
     sampler.set_epoch(1)
     assert order != list(sampler)
+
+
+def test_random_identity_sampler_can_fill_batches_with_one_group() -> None:
+    """The demo aid for IVT (``shared_colour_fraction``): half of each batch's identities share the group of
+    its first identity (here 6 groups of 10 ids); without groups the sampler draws as before."""
+    pids = [i // 4 for i in range(240)]  # 60 ids x 4 items
+    groups = [pid % 6 for pid in pids]
+    plain = D.RandomIdentitySampler(pids, batch_size=16, num_instances=2, seed=3)
+    assert list(plain) == list(D.RandomIdentitySampler(pids, 16, 2, seed=3, groups=groups, group_fraction=0.0))
+    grouped = D.RandomIdentitySampler(pids, batch_size=16, num_instances=2, seed=3, groups=groups,
+                                      group_fraction=0.5)
+    order = list(grouped)
+    assert len(order) == len(list(plain)) and len(set(order)) == len(order)
+    shared_plain, shared_grouped = [], []
+    for sampled, shared in ((list(plain), shared_plain), (order, shared_grouped)):
+        for start in range(0, len(sampled), 16):
+            batch_pids = [pids[i] for i in sampled[start:start + 16:2]]
+            first_group = batch_pids[0] % 6
+            shared.append(sum(pid % 6 == first_group for pid in batch_pids))
+    assert min(shared_grouped[:10]) >= 4  # the first 4 of 8 ids share the group while every id is available
+    assert sum(shared_grouped) > 1.5 * sum(shared_plain)

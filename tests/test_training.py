@@ -558,3 +558,19 @@ def test_demo_manifest_updates_keep_what_another_run_wrote_meanwhile(tmp_path: P
     assert manifest["models"]["magnet"]["seconds"] == 2.0 and manifest["total_seconds"] == 1234.6
     assert manifest["command"] == header["command"]
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no staging file left behind
+
+
+def test_ivt_shared_colour_batches_use_the_synthetic_colour_labels(data_root: Path) -> None:
+    """``shared_colour_fraction`` (demo aid) groups identities by the generator's (upper, lower) clothing colours;
+    without those labels (real annotation files) it refuses instead of silently drawing plain batches."""
+    recipe = get_recipe("ivt")
+    config = tiny_config("ivt", shared_colour_fraction=0.5)
+    dataset = recipe.train_dataset(data_root / "person", config)
+    assert all(s.labels and s.labels["upper_colour"] for s in dataset.samples)
+    grouped = recipe.epoch_order(dataset, config, seed=0, epoch=0)
+    plain = recipe.epoch_order(dataset, {**config, "shared_colour_fraction": 0.0}, seed=0, epoch=0)
+    assert len(grouped) == len(plain) and len(set(grouped)) == len(grouped)
+    for sample in dataset.samples:
+        sample.labels = None
+    with pytest.raises(ValueError, match="clothing colours"):
+        recipe.epoch_order(dataset, config, seed=0, epoch=0)

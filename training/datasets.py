@@ -227,6 +227,7 @@ class PersonCaption:
     caption: str
     processed_tokens: list[str] | None = None
     attributes: dict | None = None  # IVT's ``att`` phrases when the file has them
+    labels: dict | None = None  # ``training.synthetic``'s own identity labels (colours, garments; demo aids only)
 
 
 @dataclass
@@ -357,7 +358,7 @@ def read_person_caption_level(root: str | Path, dataset_name: str,
                 if kept is None:
                     continue
                 entries.append(PersonCaption(pid, image_id, str(image_dir / record[spec.image_key]), kept,
-                                             tokens, record.get("att")))
+                                             tokens, record.get("att"), record.get("attributes")))
         result[name] = entries
     return result
 
@@ -455,7 +456,8 @@ class RandomIdentitySampler(Sampler[int]):
     ``num_instances`` items each; identities with fewer items are sampled with replacement. Seeded per epoch
     (``set_epoch``) instead of the global RNGs, so a run is reproducible."""
 
-    def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0) -> None:
+    def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
+                 groups: Sequence[Any] | None = None, group_fraction: float = 0.0) -> None:
         if batch_size % num_instances:
             raise ValueError("batch_size must be a multiple of num_instances")
         self.num_instances = num_instances
@@ -467,6 +469,10 @@ class RandomIdentitySampler(Sampler[int]):
         self.epoch = 0
         self.length = sum(max(len(v), num_instances) // num_instances * num_instances
                           for v in self.index_by_pid.values())
+        # demo aid (not IVT's): ``groups`` gives each item a group key (the same for all items of an identity);
+        # then about ``group_fraction`` of each batch's identities share the group of its first identity
+        self.group_of_pid = {int(pid): group for pid, group in zip(pids, groups, strict=True)} if groups else {}
+        self.same_group = max(0, round(group_fraction * self.pids_per_batch) - 1) if groups else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -484,11 +490,21 @@ class RandomIdentitySampler(Sampler[int]):
         available = [pid for pid in self.index_by_pid if chunks[pid]]
         order: list[int] = []
         while len(available) >= self.pids_per_batch:
-            for pid in rng.sample(available, self.pids_per_batch):
+            batch = rng.sample(available, self.pids_per_batch) if not self.same_group else self._grouped(available, rng)
+            for pid in batch:
                 order.extend(chunks[pid].pop(0))
                 if not chunks[pid]:
                     available.remove(pid)
         return iter(order)
+
+    def _grouped(self, available: list[int], rng: random.Random) -> list[int]:
+        """A batch whose first identity brings up to ``same_group`` others of its group; the rest at random."""
+        first = rng.choice(available)
+        group = self.group_of_pid[first]
+        mates = [pid for pid in available if pid != first and self.group_of_pid[pid] == group]
+        batch = [first, *rng.sample(mates, min(self.same_group, len(mates)))]
+        others = [pid for pid in available if pid not in set(batch)]
+        return batch + rng.sample(others, self.pids_per_batch - len(batch))
 
     def __len__(self) -> int:
         return self.length
@@ -941,9 +957,9 @@ def canvas_box_to_original(box_xyxy: Sequence[float], affine: Sequence[float]) -
 
 def scanformer_train_transform(img_size: int = 512, multi_scale: bool = True, translate: bool = True,
                                mean: Sequence[float] = IMAGENET_MEAN,
-                               std: Sequence[float] = IMAGENET_STD) -> ScanformerTransform:
-    return ScanformerTransform(img_size, train=True, multi_scale=multi_scale, translate=translate, mean=mean,
-                               std=std)
+                               std: Sequence[float] = IMAGENET_STD, flip_prob: float = 0.5) -> ScanformerTransform:
+    return ScanformerTransform(img_size, train=True, multi_scale=multi_scale, translate=translate,
+                               flip_prob=flip_prob, mean=mean, std=std)
 
 
 def scanformer_test_transform(img_size: int = 512, mean: Sequence[float] = IMAGENET_MEAN,
