@@ -503,7 +503,8 @@ class RandomIdentitySampler(Sampler[int]):
         group = self.group_of_pid[first]
         mates = [pid for pid in available if pid != first and self.group_of_pid[pid] == group]
         batch = [first, *rng.sample(mates, min(self.same_group, len(mates)))]
-        others = [pid for pid in available if pid not in set(batch)]
+        chosen = set(batch)
+        others = [pid for pid in available if pid not in chosen]
         return batch + rng.sample(others, self.pids_per_batch - len(batch))
 
     def __len__(self) -> int:
