@@ -36,15 +36,22 @@ def batch_ms(recipe: Any, dataset: Any, config: dict[str, Any], indices: list[li
     return (time.perf_counter() - start) * 1000.0 / len(indices)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_data_loading", description=__doc__.split("\n")[0])
+def demo_benchmark_setup(module: str, description: str, count: str, default: int,
+                         argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """The command line the demo benchmarks share (``--methods``, ``--<count>``, ``--repeats``, ``--data``),
+    one torch thread, and the synthetic demo data root (generated there first if missing)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--methods", nargs="+", default=["irra", "ivt", "laps", "magnet", "scanformer"])
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument(f"--{count}", type=int, default=default)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", type=Path, help="synthetic demo data root (default: training.demo's cache)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
+    return args, ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, root = demo_benchmark_setup("benchmarks.demo_data_loading", __doc__.split("\n")[0], "batches", 20, argv)
     print(f"{'method':<11} {'batch':>5} {'from disk ms':>12} {'cached ms':>10} {'ratio':>6}")
     for method in args.methods:
         recipe = get_recipe(method)

@@ -15,16 +15,15 @@ medians per step and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.demo import DEMO_SEED, DEMO_SIZE, METHOD_DATA, ensure_data, synthetic_texts
+from benchmarks.demo_data_loading import demo_benchmark_setup
+from training.demo import METHOD_DATA, synthetic_texts
 from training.recipes import get_recipe
 from training.trainer import StepContext, train_only_vocabulary_rows
 
@@ -36,8 +35,8 @@ class Trainee:
         torch.manual_seed(0)
         self.recipe, self.config = recipe, config
         self.model = recipe.build_model(config)
-        if rows is not None:
-            train_only_vocabulary_rows(self.model, recipe.word_embedding_key, rows)
+        self.table_name = None if rows is None else train_only_vocabulary_rows(self.model,
+                                                                                recipe.word_embedding_key, rows)
         self.model.train()
         self.optimizer = recipe.optimizer(recipe.param_groups(self.model, config), config)
 
@@ -57,29 +56,23 @@ class Trainee:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_vocabulary_rows",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["irra", "ivt", "laps", "magnet", "scanformer"])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data", type=Path, help="synthetic demo data root (default: training.demo's cache)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
+    args, root = demo_benchmark_setup("benchmarks.demo_vocabulary_rows", __doc__.split("\n")[0], "steps", 10, argv)
     print(f"{'method':<11} {'rows used':>9} {'of':>6} {'whole table ms':>14} {'used rows ms':>12} {'ratio':>6}")
     for method in args.methods:
         recipe = get_recipe(method)
         config = copy.deepcopy(recipe.config("demo"))
         kind = METHOD_DATA[method]
         dataset = recipe.train_dataset(root / kind, config)
-        rows = recipe.text_token_ids(synthetic_texts(root / kind, kind), config)
+        rows = recipe.vocabulary_rows(synthetic_texts(root / kind, kind), config)  # what training.demo trains
+        if rows is None:
+            print(f"{method:<11} (its demo preset draws random tokens: the whole table is trained)")
+            continue
         size = int(config["batch_size"])
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
         batches = [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config)
                    for b in range(args.steps)]
         whole, used = Trainee(recipe, config, None), Trainee(recipe, config, rows)
-        vocabulary = used.model.get_submodule(
-            next(n for n, m in used.model.named_modules() if hasattr(m, "row_of"))).num_embeddings
+        vocabulary = used.model.get_submodule(used.table_name).num_embeddings
         whole.step_ms(batches[:2])  # warm-up: allocator, lazily built kernels
         used.step_ms(batches[:2])
         whole_times, used_times = [], []

@@ -70,8 +70,9 @@ class TrainedRowsEmbedding(nn.Module):
     synthetic texts use a few dozen of BERT's 30522 or CLIP's 49408 rows). The parameter keeps the name
     ``weight`` (so parameter groups and the optimiser see the same names, in the same order) but holds only
     those rows, so the backward pass and the optimiser touch K rows instead of the whole table. Per row the
-    arithmetic is that of full-table training, so the trained rows come out bit for bit the same (unless
-    gradient clipping is on: its global norm then sums the gradients in another order). The state dict
+    arithmetic is that of full-table training, so the trained rows come out bit for bit the same (with gradient
+    clipping the global norm sums the gradients in another order and could round differently; over the whole
+    LAPS demo preset, clipped, it did not). The state dict
     still holds the whole ``[V, D]`` table under ``weight``; the rows outside ``rows`` keep their values (full-
     table training would only have shrunk them by weight decay; nothing reads them)."""
 
@@ -427,8 +428,8 @@ def train(
 
     ``epochs`` overrides ``config["epochs"]``; ``max_steps`` stops after that many optimiser steps in total
     (a checkpoint is written there, so a later ``resume=True`` call continues); ``time_budget_s`` stops at
-    the end of the first step past the budget in the same way. ``vocabulary_rows`` (the token ids every text
-    of the data uses, e.g. from ``recipe.text_token_ids``) trains only those rows of the recipe's word table
+    the end of the first step past the budget in the same way. ``vocabulary_rows`` (the token ids training can
+    look up, ``recipe.vocabulary_rows`` of every text of the data) trains only those rows of the recipe's word table
     (:class:`TrainedRowsEmbedding`): the same result, faster where the table is most of the parameters.
     """
     started = time.perf_counter()
