@@ -49,6 +49,17 @@ def test_a_kind_does_not_depend_on_the_other_kinds(tmp_path: Path) -> None:
     assert _tree_bytes(tmp_path / "all" / "person") == _tree_bytes(tmp_path / "one" / "person")
 
 
+def test_parallel_generation_writes_what_a_sequential_run_writes(tmp_path: Path) -> None:
+    """``generate_parallel`` (two child processes at a time, as ``training.demo`` generates its data) gives the
+    very files and versions of one sequential run, and a failing child is reported."""
+    sequential = synthetic.generate_pinned(tmp_path / "seq", "all", seed=3, size="tiny", progress=False)
+    parallel = synthetic.generate_parallel(tmp_path / "par", list(synthetic.KINDS), seed=3, size="tiny", jobs=2)
+    assert {k: m["version"] for k, m in parallel.items()} == {k: m["version"] for k, m in sequential.items()}
+    assert _tree_bytes(tmp_path / "par") == _tree_bytes(tmp_path / "seq")
+    with pytest.raises(RuntimeError, match="failed"):
+        synthetic.generate_parallel(tmp_path / "bad", ["refer", "person"], seed=3, size="no-such-size", jobs=2)
+
+
 def test_cli_writes_every_kind_with_a_version(tmp_path: Path) -> None:
     result = subprocess.run(
         [

@@ -48,7 +48,7 @@ from training.synthetic import (
     PERSON_DATASET_NAME,
     REFER_DATASET_NAME,
     REFER_SPLIT_BY,
-    generate_pinned,
+    generate_parallel,
     generator_version,
 )
 from training.trainer import train
@@ -82,16 +82,19 @@ def data_versions(root: Path) -> dict[str, str]:
 
 
 def ensure_data(root: Path | None, seed: int = DEMO_SEED, size: str = DEMO_SIZE,
-                expected: dict[str, str] | None = None) -> Path:
-    """The synthetic benchmark under ``root`` (generated where a kind is missing); with ``expected`` the
-    versions (content hashes) must match, so metrics are computed on the very data the manifest names."""
+                expected: dict[str, str] | None = None, jobs: int = 2) -> Path:
+    """The synthetic benchmark under ``root`` (the missing kinds generated, ``jobs`` processes at a time); with
+    ``expected`` the versions (content hashes) must match, so metrics are computed on the very data the manifest
+    names."""
     root = Path(root) if root is not None else default_data_root(seed, size)
     have = data_versions(root)
-    for kind in KINDS:
-        # a kind written by an older generator version is generated again (its data version changes with it)
-        if kind not in have or not have[kind].startswith(f"synthetic-{kind}/g{generator_version(kind)}/"):
-            print(f"generating synthetic {kind} data (seed {seed}, {size}) in {root / kind}", file=sys.stderr)
-            generate_pinned(root, kind, seed, size)
+    # a kind written by an older generator version is generated again (its data version changes with it)
+    missing = [kind for kind in KINDS
+               if kind not in have or not have[kind].startswith(f"synthetic-{kind}/g{generator_version(kind)}/")]
+    if missing:
+        print(f"generating synthetic {', '.join(missing)} data (seed {seed}, {size}) in {root}, {jobs} at a time",
+              file=sys.stderr)
+        generate_parallel(root, missing, seed, size, jobs=jobs)
     have = data_versions(root)
     if expected:
         wrong = {k: (have.get(k), v) for k, v in expected.items() if have.get(k) != v}
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    data_root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE)
+    data_root = ensure_data(args.data, DEMO_SEED, DEMO_SIZE, jobs=max(1, args.jobs))
     versions = data_versions(data_root)
     work = args.work or data_root.parent / "demo-work"
     args.out.mkdir(parents=True, exist_ok=True)
