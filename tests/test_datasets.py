@@ -488,12 +488,12 @@ def test_magnet_transform_resizes_image_and_nearest_mask() -> None:
 
 
 def test_grayscale_only_where_the_expression_names_no_colour() -> None:
-    """``demo_grayscale``: off (the very same transform) at probability 0; otherwise a sample whose expression
-    has a colour word always keeps its colours, and one without loses them in about ``probability`` of the
-    draws, before the wrapped transform runs (its box and mask are untouched)."""
+    """``demo_colour_free_augmentation``: off (the very same transform) at probability 0; otherwise a sample
+    whose expression has a colour word always keeps its colours, and one without loses them in about
+    ``probability`` of the draws, before the wrapped transform runs (its box and mask are untouched)."""
     inner = D.magnet_train_transform(64)
-    assert D.demo_grayscale(inner, 0.0) is inner
-    transform = D.demo_grayscale(lambda sample: sample, 0.5)
+    assert D.demo_colour_free_augmentation(inner, 0.0) is inner
+    transform = D.demo_colour_free_augmentation(lambda sample: sample, 0.5)
     torch.manual_seed(0)
     for text in ("the red square", "Square that is RED on the left"):
         assert all(np.asarray(transform(_refer_sample(text))["image"])[140, 370].tolist() == [250, 20, 20]
@@ -506,8 +506,33 @@ def test_grayscale_only_where_the_expression_names_no_colour() -> None:
         assert out["box_xyxy"].tolist() == [320, 100, 420, 180] and int(out["mask"].sum()) == 80 * 100
     assert 70 <= grey <= 130
     original = _refer_sample("the square")
-    D.demo_grayscale(lambda sample: sample, 1.0)(original)
+    D.demo_colour_free_augmentation(lambda sample: sample, 1.0)(original)
     assert np.asarray(original["image"])[140, 370].tolist() == [250, 20, 20]  # the caller's sample is not changed
+
+
+def test_channel_permutation_only_where_the_expression_names_no_colour() -> None:
+    """``PermuteChannelsWithoutColourWords``: a sample whose expression has a colour word keeps its colours; one
+    without gets its RGB channels in each of the six orders (the identity included) about equally often - the
+    same pixel values, reordered, so the image stays in colour - before the wrapped transform runs (box and mask
+    untouched)."""
+    transform = D.demo_colour_free_augmentation(lambda sample: sample, 0.0, permute_channels=True)
+    assert isinstance(transform, D.PermuteChannelsWithoutColourWords)
+    torch.manual_seed(0)
+    assert all(np.asarray(transform(_refer_sample("the small red square"))["image"])[140, 370].tolist()
+               == [250, 20, 20] for _ in range(20))
+    seen: dict[tuple[int, ...], int] = {}
+    for _ in range(300):
+        out = transform(_refer_sample("the square on the left"))
+        pixel = tuple(np.asarray(out["image"])[140, 370].tolist())
+        assert sorted(pixel) == [20, 20, 250]
+        seen[pixel] = seen.get(pixel, 0) + 1
+        assert out["box_xyxy"].tolist() == [320, 100, 420, 180] and int(out["mask"].sum()) == 80 * 100
+    # (250, 20, 20) comes from two orders (identity and green<->blue), the other two pixels from two each
+    assert set(seen) == {(250, 20, 20), (20, 250, 20), (20, 20, 250)}
+    assert all(70 <= count <= 130 for count in seen.values())
+    both = D.demo_colour_free_augmentation(lambda sample: sample, 0.5, permute_channels=True)
+    assert isinstance(both, D.GrayscaleWithoutColourWords)
+    assert isinstance(both.inner, D.PermuteChannelsWithoutColourWords)
 
 
 # ==========================================================================================================

@@ -804,12 +804,40 @@ class GrayscaleWithoutColourWords:
         return self.inner(sample)
 
 
-def demo_grayscale(transform: Callable[[Sample], Sample], probability: float) -> Callable[[Sample], Sample]:
-    """``transform`` behind :class:`GrayscaleWithoutColourWords` with the synthetic generator's colour words, or
-    unchanged when ``probability`` is 0 (every official preset)."""
-    if probability <= 0:
-        return transform
-    return GrayscaleWithoutColourWords(transform, probability, tuple(SHAPE_COLOURS))
+class PermuteChannelsWithoutColourWords:
+    """Demo-only augmentation (no official recipe has it): a sample whose expression names no colour gets its RGB
+    channels in a random order (each of the 6 orders equally likely, the identity included) before ``inner``.
+    The expression never relied on colour, so it still singles the referent out; the shapes appear in other
+    hues while the image stays in colour (unlike :class:`GrayscaleWithoutColourWords`, whose grey images never
+    occur at test time), so shapes, sizes and places must be found apart from the colours they had in
+    training."""
+
+    ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+    def __init__(self, inner: Callable[[Sample], Sample], colour_words: Sequence[str]) -> None:
+        self.inner = inner
+        self.colour_words = frozenset(colour_words)
+
+    def __call__(self, sample: Sample) -> Sample:
+        if not expression_words(sample["text"]) & self.colour_words:
+            order = self.ORDERS[int(torch.randint(len(self.ORDERS), ()))]
+            if order != (0, 1, 2):
+                bands = sample["image"].convert("RGB").split()
+                sample = {**sample, "image": Image.merge("RGB", [bands[i] for i in order])}
+        return self.inner(sample)
+
+
+def demo_colour_free_augmentation(transform: Callable[[Sample], Sample], grayscale_probability: float,
+                                  permute_channels: bool = False) -> Callable[[Sample], Sample]:
+    """``transform`` behind the demo's augmentations for expressions that name no colour (the synthetic
+    generator's colour words): :class:`PermuteChannelsWithoutColourWords` when ``permute_channels``, and
+    :class:`GrayscaleWithoutColourWords` (outermost) when ``grayscale_probability`` > 0. With neither (every
+    official preset) it is ``transform`` itself."""
+    if permute_channels:
+        transform = PermuteChannelsWithoutColourWords(transform, tuple(SHAPE_COLOURS))
+    if grayscale_probability > 0:
+        transform = GrayscaleWithoutColourWords(transform, grayscale_probability, tuple(SHAPE_COLOURS))
+    return transform
 
 
 DIRECTION_WORDS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")

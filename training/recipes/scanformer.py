@@ -25,7 +25,13 @@ from models.checkpoint import load_checkpoint_file
 from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, ScanOutput, scanformer_losses
 from models.tokenizers import bert_tokenizer
 from models.vilt import ViltConfig
-from training.datasets import ReferDataset, demo_grayscale, image_reader, read_refer, scanformer_train_transform
+from training.datasets import (
+    ReferDataset,
+    demo_colour_free_augmentation,
+    image_reader,
+    read_refer,
+    scanformer_train_transform,
+)
 from training.trainer import (
     Batch,
     Config,
@@ -40,6 +46,7 @@ from training.trainer import (
 OFFICIAL: Config = {
     "image_cache_mb": 0,  # MB of decoded images held in memory per data process (0: read every time)
     "grayscale_without_colour": 0.0,  # demo only: P(grayscale image | no colour word), GrayscaleWithoutColourWords
+    "permute_channels_without_colour": False,  # demo only: PermuteChannelsWithoutColourWords
     "select_box_weight": 0.0,  # demo only: weight of selection_box_loss (selection logits vs. target box cells)
     "select_box_every_scale": False,  # demo only: selection_box_loss on the last scale's patches too
     "word_init_std": 0.0,  # demo only (scratch_init): std of the word embeddings; 0 keeps BERT's N(0, 0.02)
@@ -209,10 +216,10 @@ class ScanFormerRecipe(Recipe):
     def train_dataset(self, data_dir: Path, config: Config) -> ReferDataset:
         cfg = self.model_config(config)
         refer = read_refer(data_dir, config["dataset"], config["split_by"])
-        transform = demo_grayscale(scanformer_train_transform(cfg.image_size, config["multi_scale"],
-                                                              config["translate"], mean=cfg.pixel_mean,
-                                                              std=cfg.pixel_std, flip_prob=config["flip_prob"]),
-                                   config.get("grayscale_without_colour", 0.0))
+        transform = demo_colour_free_augmentation(
+            scanformer_train_transform(cfg.image_size, config["multi_scale"], config["translate"], mean=cfg.pixel_mean,
+                                       std=cfg.pixel_std, flip_prob=config["flip_prob"]),
+            config.get("grayscale_without_colour", 0.0), bool(config.get("permute_channels_without_colour", False)))
         return ReferDataset(refer, "train", unit="sentence", transform=transform, with_mask=False,
                             image_reader=image_reader(config.get("image_cache_mb", 0)))
 
