@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,41 @@ def test_parallel_generation_writes_what_a_sequential_run_writes(tmp_path: Path)
     assert _tree_bytes(tmp_path / "par") == _tree_bytes(tmp_path / "seq")
     with pytest.raises(RuntimeError, match="failed"):
         synthetic.generate_parallel(tmp_path / "bad", ["refer", "person"], seed=3, size="no-such-size", jobs=2)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigterm_stops_the_generators_of_a_parallel_run(tmp_path: Path) -> None:
+    """``kill`` of a process generating under ``sigterm_as_exit`` (as ``training.demo``'s main does) stops its
+    generator children too, instead of leaving them running without a parent."""
+    out = tmp_path / "killed"
+    script = (
+        "from training.demo import sigterm_as_exit\n"
+        "from training.synthetic import generate_parallel\n"
+        "with sigterm_as_exit():\n"
+        f"    generate_parallel({str(out)!r}, ['caption', 'person'], seed=3, size='medium', jobs=2)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while len([p for p in _processes_mentioning(f"--out {out}") if p != parent.pid]) < 2:
+        assert parent.poll() is None and time.monotonic() < deadline, "the generators did not start"
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) != 0
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(f"--out {out}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(f"--out {out}") == []
 
 
 def test_cli_writes_every_kind_with_a_version(tmp_path: Path) -> None:

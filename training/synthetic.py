@@ -1064,16 +1064,21 @@ def generate_parallel(out: Path | str, kinds: Sequence[str], seed: int = 0, size
     waiting = list(kinds)
     running: list[tuple[str, subprocess.Popen]] = []
     failed: list[str] = []
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            kind = waiting.pop(0)
-            command, env = _generator_command(out, kind, seed, size, "polygon", progress)
-            running.append((kind, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)))
-        time.sleep(0.1)
-        for kind, child in [entry for entry in running if entry[1].poll() is not None]:
-            running.remove((kind, child))
-            if child.returncode != 0:
-                failed.append(kind)
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                kind = waiting.pop(0)
+                command, env = _generator_command(out, kind, seed, size, "polygon", progress)
+                running.append((kind, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)))
+            time.sleep(0.1)
+            for kind, child in [entry for entry in running if entry[1].poll() is not None]:
+                running.remove((kind, child))
+                if child.returncode != 0:
+                    failed.append(kind)
+    finally:  # interrupted (KeyboardInterrupt, SystemExit): stop the generators still running
+        for _, child in running:
+            child.terminate()
+            child.wait()
     if failed:
         raise RuntimeError(f"synthetic data generation failed for {failed}")
     return _read_manifests(out, kinds)
