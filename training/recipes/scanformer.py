@@ -110,6 +110,10 @@ OFFICIAL: Config = {
 # On an AMD EPYC family 25 model 17, which gives this preset's 48.32 to the last digit: GIoU weight 2 per scale
 # 46.12; no flip and no translation (``flip_prob`` 0, ``translate`` false: the train canvas as the test one,
 # since the model underfits anyway) 45.95. Neither kept.
+# The RGB channels in a random order when the expression names no colour (``permute_channels_without_colour``,
+# which took MagNet from 49.62 to 61.28 on an AMD EPYC family 25 model 1) gave 39.82 and 42.85 for seeds 0 and 1
+# there, against 52.09 and 50.70 without it; colour expressions fell (30.62 / 39.23 against 55.50 / 47.85), shape-only
+# ones stayed where they were (19.79 / 21.35 against 22.92 / 23.44). Not kept.
 DEMO: Config = {
     **OFFICIAL, "image_cache_mb": 1024,  # the demo data fits decoded in memory
     "dataset": "refsynth", "epochs": 16, "batch_size": 64, "log_every": 10, "clip_grad_norm": 1.0, "lr": 2e-3,
