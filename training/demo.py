@@ -9,12 +9,10 @@
    ``<out>/manifest.json``: the command, seed, data versions, the training summary and the held-out metrics of
    each model next to its chance level (``python -m training.evaluate demo`` prints them again).
 
-On an idle 2-core AMD EPYC the whole run took 26 min 18 s one day and 35 min 1 s on another, when the same
-single-thread micro-benchmark (one ScanFormer training step) ran 1.3 times slower, 37 min 27 s on a second
-machine with slower cores and 43 min 33 s on a third (MagNet stopped at its time cap); data generation
-included; 26 min 52 s on a fourth (AMD EPYC family 26 model 2); 31 min 20 s on a fifth (AMD EPYC family 25
-model 17, the run that made the shipped files, with IVT's shared-colour batches; its other four files are the
-fourth machine's, tensor for tensor).
+On idle 2-core AMD EPYC machines the whole run (data generation included) took 26 to 44 minutes: 31 min 20 s on
+an AMD EPYC family 25 model 17 (the run that made the shipped IRRA, IVT, LAPS and ScanFormer files) and 38 min 55 s
+on an AMD EPYC family 25 model 1 (the shipped MagNet file, with its seventh epoch); the table of runs is in
+``weights/demo/README.md``.
 ``manifest.json`` records the steps and seconds each model took, and the machine. On one machine the
 run is deterministic; on another CPU the kernels round differently and the held-out figures move as much as
 with another seed (``weights/demo/README.md``).
