@@ -74,19 +74,24 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_sigterm_stops_the_generators_of_a_parallel_run(tmp_path: Path) -> None:
-    """``kill`` of a process generating under ``sigterm_as_exit`` (as ``training.demo``'s main does) stops its
-    generator children too, instead of leaving them running without a parent."""
+@pytest.mark.parametrize("runner", ["generate_parallel", "cli"])
+def test_sigterm_stops_the_generator_children(tmp_path: Path, runner: str) -> None:
+    """``kill`` of a process generating under ``sigterm_as_exit`` (``training.demo``'s main through
+    ``generate_parallel``, two children; the ``training.synthetic`` CLI, one pinned child through
+    ``generate_pinned``) stops its generator children too, instead of leaving them running without a parent."""
     out = tmp_path / "killed"
-    script = (
-        "from training.demo import sigterm_as_exit\n"
-        "from training.synthetic import generate_parallel\n"
-        "with sigterm_as_exit():\n"
-        f"    generate_parallel({str(out)!r}, ['caption', 'person'], seed=3, size='medium', jobs=2)\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    if runner == "cli":
+        command = ["-m", "training.synthetic", "--out", str(out), "--kind", "caption", "--size", "medium",
+                   "--no-progress"]
+        children = 1
+    else:
+        command = ["-c", "from training.synthetic import generate_parallel, sigterm_as_exit\n"
+                   "with sigterm_as_exit():\n"
+                   f"    generate_parallel({str(out)!r}, ['caption', 'person'], seed=3, size='medium', jobs=2)\n"]
+        children = 2
+    parent = subprocess.Popen([sys.executable, *command], cwd=ROOT)
     deadline = time.monotonic() + 60
-    while len([p for p in _processes_mentioning(f"--out {out}") if p != parent.pid]) < 2:
+    while len([p for p in _processes_mentioning(f"--out {out}") if p != parent.pid]) < children:
         assert parent.poll() is None and time.monotonic() < deadline, "the generators did not start"
         time.sleep(0.1)
     parent.send_signal(signal.SIGTERM)

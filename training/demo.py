@@ -22,7 +22,6 @@ Training state (``last.pth``, metrics logs) goes to ``--work`` (default: a folde
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import itertools
 import json
@@ -31,12 +30,9 @@ import os
 import pickle
 import platform
 import shutil
-import signal
 import sys
-import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +48,7 @@ from training.synthetic import (
     REFER_SPLIT_BY,
     generate_parallel,
     generator_version,
+    sigterm_as_exit,
 )
 from training.trainer import train
 
@@ -244,21 +241,6 @@ def run_queue(methods: list[str], data_root: Path, work: Path, out: Path, thread
         except Exception as exc:  # noqa: BLE001 - one failed method must not lose the others
             errors.append((method, f"{type(exc).__name__}: {exc}"))
     return finished, errors
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit`` while the block (or the decorated call) runs, in the main thread only.
-    Python's default SIGTERM ends the process without unwinding, which left the training pool's workers and
-    the data generators running after ``kill``; unwinding lets their ``with`` / ``finally`` blocks stop them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @sigterm_as_exit()

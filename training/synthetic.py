@@ -31,6 +31,7 @@ CLI: ``python -m training.synthetic --out DIR --kind {refer,person,caption,all} 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -38,8 +39,10 @@ import math
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -1015,6 +1018,22 @@ def _cpu_runs_pinned_blas() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` while the block (or the decorated call) runs, in the main thread only.
+    Python's default SIGTERM ends the process without unwinding, which left the generator children here (and
+    ``training.demo``'s training pool) running after ``kill``; unwinding lets their ``with`` / ``finally`` /
+    ``subprocess.run`` stop them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _generator_command(out: Path | str, kind: str, seed: int, size: str, mask_format: str, progress: bool
                        ) -> tuple[list[str], dict[str, str]]:
     """The ``python -m training.synthetic`` child command for one kind (or all) and its environment: OpenBLAS
@@ -1084,6 +1103,7 @@ def generate_parallel(out: Path | str, kinds: Sequence[str], seed: int = 0, size
     return _read_manifests(out, kinds)
 
 
+@sigterm_as_exit()
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.synthetic", description=__doc__.split("\n\n")[0]
