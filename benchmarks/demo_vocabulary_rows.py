@@ -39,9 +39,11 @@ class Trainee:
                                                                                 recipe.word_embedding_key, rows)
         self.model.train()
         self.optimizer = recipe.optimizer(recipe.param_groups(self.model, config), config)
+        self.update_ms = 0.0  # the optimiser steps' share of the last step_ms, per step
 
     def step_ms(self, batches: list[Any]) -> float:
         clip = self.config.get("clip_grad_norm")
+        update = 0.0
         start = time.perf_counter()
         for index, batch in enumerate(batches):
             ctx = StepContext(1, index, index, len(batches), self.config, torch.device("cpu"))
@@ -51,7 +53,10 @@ class Trainee:
             total.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+            update_start = time.perf_counter()
             self.optimizer.step()
+            update += time.perf_counter() - update_start
+        self.update_ms = update * 1000.0 / len(batches)
         return (time.perf_counter() - start) * 1000.0 / len(batches)
 
 

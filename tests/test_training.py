@@ -136,16 +136,41 @@ def test_resume_continues_exactly_and_the_export_loads_in_the_service(method: st
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_the_decoded_image_cache_leaves_training_unchanged(method: str, data_root: Path, tmp_path: Path) -> None:
     """The demo presets hold decoded images (and tokenised texts) in memory; the weights must come out the
-    same bit for bit as when every image is read from disk. Three steps, so later steps read cached images."""
+    same bit for bit as when every image is read from disk (and, for ScanFormer, resized every time). Three
+    steps, so later steps read cached images."""
     data = data_root / METHODS[method][0]
     states = []
     for cache_mb in (0, 64):
         config = tiny_config(method, epochs=100, image_cache_mb=cache_mb)
+        if method == "scanformer":
+            config["resized_cache_mb"] = cache_mb
         train(get_recipe(method), data, tmp_path / str(cache_mb), config, max_steps=3, progress=False)
         states.append(torch.load(tmp_path / str(cache_mb) / "last.pth", weights_only=True)["model"])
     assert states[0].keys() == states[1].keys()
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_multi_tensor_optimiser_updates_leave_training_unchanged(method: str, data_root: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer switches every optimiser to PyTorch's multi-tensor (``foreach``) updates, which the CPU does
+    not use by default; the weights and optimiser state must come out bit for bit as with the per-parameter loop."""
+    import training.trainer
+
+    data = data_root / METHODS[method][0]
+    runs = []
+    for name, switch in (("loop", lambda optimizer: None), ("foreach", training.trainer.use_foreach_updates)):
+        monkeypatch.setattr(training.trainer, "use_foreach_updates", switch)
+        train(get_recipe(method), data, tmp_path / name, tiny_config(method, epochs=100), max_steps=3, progress=False)
+        runs.append(torch.load(tmp_path / name / "last.pth", weights_only=True))
+    assert {g["foreach"] for g in runs[1]["optimizer"]["param_groups"]} == {True}
+    assert {g["foreach"] for g in runs[0]["optimizer"]["param_groups"]} == {None}
+    for name, value in runs[0]["model"].items():
+        assert torch.equal(value, runs[1]["model"][name]), name
+    for index, state in runs[0]["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, runs[1]["optimizer"]["state"][index][key]), (index, key)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

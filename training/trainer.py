@@ -325,6 +325,15 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def use_foreach_updates(optimizer: torch.optim.Optimizer) -> None:
+    """Update all parameters of a group with PyTorch's multi-tensor (``foreach``) kernels instead of one Python
+    loop iteration per parameter. PyTorch picks them by default on GPU only; on the CPU they give the same
+    numbers bit for bit (tested) with less per-parameter overhead (hundreds of tensors in MagNet / IRRA)."""
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None:
+            group["foreach"] = True
+
+
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use a GradScaler). ``auto``: bf16 on a GPU that has it, fp16 + scaler on an
     older GPU, fp32 on CPU."""
@@ -474,6 +483,7 @@ def train(
         set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         if progress and dist_info.is_main:
             print(f"[{recipe.name}] resumed from {last_path}: epoch {epoch}, step {step}")
+    use_foreach_updates(optimizer)
 
     train_step: nn.Module = TrainStep(recipe, model)
     if dist_info.enabled:
