@@ -467,6 +467,45 @@ def test_scanformer_transform_keeps_box_mask_and_inverse_map() -> None:
     assert 5 < flipped < 25
 
 
+@pytest.mark.parametrize("multi_scale", [False, True])
+def test_scanformer_resized_image_cache_gives_the_same_samples(multi_scale: bool) -> None:
+    """``resized_cache_mb`` (ScanFormer's demo preset) keeps each resized image as a tensor and crops, flips and
+    normalises that: every output, the canvas bit for bit, equals the PIL path's under the same random draws,
+    also for repeated images (cache hits), direction words (no crop), masks (always PIL) and the multi-scale
+    sizes above the canvas (PIL); an image with other pixels is another entry."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 500), (180, 140))]
+    plain = D.scanformer_train_transform(256, multi_scale=multi_scale)
+    cached = D.scanformer_train_transform(256, multi_scale=multi_scale, resized_cache_mb=64)
+    texts = ("the red box", "the box on the left", "box at the top right")
+    for step in range(24):
+        image = images[step % 2]
+        w, h = image.size
+        sample = {"image": image, "text": texts[step % 3],
+                  "box_xyxy": np.array([0.3 * w, 0.2 * h, 0.7 * w, 0.6 * h], dtype=np.float32)}
+        if step % 8 == 7:
+            sample["mask"] = np.zeros((h, w), dtype=np.uint8)
+        outs = []
+        for transform in (plain, cached):
+            torch.manual_seed(step)
+            outs.append(transform(dict(sample)))
+        assert outs[0].keys() == outs[1].keys()
+        for key, value in outs[0].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, outs[1][key]), (step, key)
+            elif key != "image":
+                assert value == outs[1][key] if not isinstance(value, np.ndarray) else np.array_equal(value,
+                                                                                                    outs[1][key])
+    assert cached.resized_cache is not None and plain.resized_cache is None
+    entries = len(cached.resized_cache.tensors)
+    assert 2 <= entries <= (2 if not multi_scale else 18)
+    changed = images[0].copy()
+    changed.putpixel((0, 0), (1, 2, 3))
+    torch.manual_seed(0)
+    cached({"image": changed, "text": "the box on the left", "box_xyxy": np.array([10, 10, 50, 50])})
+    assert len(cached.resized_cache.tensors) == entries + 1
+
+
 def test_scanformer_flip_swaps_left_and_right_and_direction_words_stop_zoom() -> None:
     transform = D.ScanformerTransform(256, train=True, flip_prob=1.0)
     torch.manual_seed(1)
