@@ -491,6 +491,26 @@ def test_scanformer_scratch_position_grid_varies_everywhere_and_respects_distanc
     assert bool((grid_step == 1).all()), grid_step.view(grid, grid)
 
 
+def test_scanformer_collate_gives_the_rows_of_tokenising_the_batch_at_once(data_root: Path) -> None:
+    """ScanFormer's dataset tokenises each (flipped) text once through a cache; the collated ids and mask
+    equal tokenising the batch's final texts together, padded to ``max_text_len``."""
+    from models.tokenizers import bert_tokenizer
+
+    recipe = get_recipe("scanformer")
+    config = tiny_config("scanformer")
+    dataset = recipe.train_dataset(data_root / "refer", config)
+    torch.manual_seed(0)
+    samples = [dataset[i % len(dataset)] for i in range(2 * len(dataset) // 3)] * 2  # repeats hit the cache
+    batch = recipe.collate(samples, config)
+    max_len = int(config["model"]["vilt"]["max_text_len"])
+    expected = bert_tokenizer()([s["text"] for s in samples], padding="max_length", truncation=True,
+                                max_length=max_len, return_tensors="pt")
+    assert batch["input_ids"].shape == (len(samples), max_len)
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+    assert any("right" in s["text"] for s in samples) and any("left" in s["text"] for s in samples)
+
+
 def test_scanformer_box_cell_targets_mark_the_cells_a_box_overlaps() -> None:
     from training.recipes.scanformer import box_cell_targets
 

@@ -27,6 +27,7 @@ from models.tokenizers import bert_tokenizer
 from models.vilt import ViltConfig
 from training.datasets import (
     ReferDataset,
+    TextCache,
     demo_colour_free_augmentation,
     image_reader,
     read_refer,
@@ -145,6 +146,13 @@ TINY: Config = {
 }
 
 
+def tokenize_padded(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT ids and attention mask [N, max_len] (padded to max_len, truncated), as ViLT's collate makes them."""
+    encoded = bert_tokenizer()(texts, padding="max_length", truncation=True, max_length=max_len,
+                               return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
 def sincos_position_grid(grid: int, dim: int) -> torch.Tensor:
     """A 2D sine-cosine table [grid * grid, dim] (row-major, as ``pos_embed``): a quarter of the channels each
     for sin/cos of x and of y, at frequencies spaced geometrically from a quarter period over the grid up to
@@ -230,15 +238,17 @@ class ScanFormerRecipe(Recipe):
                                        std=cfg.pixel_std, flip_prob=config["flip_prob"],
                                        resized_cache_mb=float(config.get("resized_cache_mb", 0))),
             config.get("grayscale_without_colour", 0.0), bool(config.get("permute_channels_without_colour", False)))
+        max_len = int(config["model"]["vilt"]["max_text_len"])
         return ReferDataset(refer, "train", unit="sentence", transform=transform, with_mask=False,
-                            image_reader=image_reader(config.get("image_cache_mb", 0)))
+                            image_reader=image_reader(config.get("image_cache_mb", 0)),
+                            tokenize=TextCache(lambda text: tokenize_padded([text], max_len)))
 
     def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
-        max_len = int(config["model"]["vilt"]["max_text_len"])
-        encoded = bert_tokenizer()([s["text"] for s in samples], padding="max_length", truncation=True,
-                                   max_length=max_len, return_tensors="pt")
-        return {"images": torch.stack([s["image"] for s in samples]), "input_ids": encoded["input_ids"],
-                "attention_mask": encoded["attention_mask"],
+        """Stacks the samples' token rows (each text tokenised once, after the flip's left/right swap, and
+        padded to ``max_text_len`` on its own: the rows a whole batch tokenised at once would get)."""
+        return {"images": torch.stack([s["image"] for s in samples]),
+                "input_ids": torch.cat([s["tokens"][0] for s in samples]),
+                "attention_mask": torch.cat([s["tokens"][1] for s in samples]),
                 "boxes": torch.stack([s["box_cxcywh"] for s in samples])}
 
     def param_groups(self, model: nn.Module, config: Config) -> list[dict[str, Any]]:
