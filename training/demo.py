@@ -10,8 +10,9 @@
    each model next to its chance level (``python -m training.evaluate demo`` prints them again).
 
 On idle 2-core AMD EPYC machines the whole run (data generation included) took 26 to 44 minutes: 31 min 20 s on
-an AMD EPYC family 25 model 17 (the run that made the shipped IRRA, IVT, LAPS and ScanFormer files) and 38 min 55 s
-on an AMD EPYC family 25 model 1 (the shipped MagNet file, with its seventh epoch); the table of runs is in
+an AMD EPYC family 25 model 17 (the run that made the shipped IRRA, IVT and LAPS files), 38 min 55 s on an AMD EPYC
+family 25 model 1 (the shipped MagNet file, with its seventh epoch) and 38 min 10 s on that model again with the
+bit-for-bit speed-ups of a later session (the shipped ScanFormer file); the table of runs is in
 ``weights/demo/README.md``.
 ``manifest.json`` records the steps and seconds each model took, and the machine. On one machine the
 run is deterministic; on another CPU the kernels round differently and the held-out figures move as much as
