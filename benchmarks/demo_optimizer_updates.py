@@ -17,10 +17,8 @@ from __future__ import annotations
 import copy
 import statistics
 
-import torch
-
 from benchmarks.demo_data_loading import demo_benchmark_setup
-from benchmarks.demo_vocabulary_rows import Trainee
+from benchmarks.demo_vocabulary_rows import Trainee, prepared_batches
 from training.demo import METHOD_DATA, synthetic_texts
 from training.recipes import get_recipe
 from training.trainer import use_foreach_updates
@@ -37,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = METHOD_DATA[method]
         dataset = recipe.train_dataset(root / kind, config)
         rows = recipe.vocabulary_rows(synthetic_texts(root / kind, kind), config)
-        size = int(config["batch_size"])
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-        batches = [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config)
-                   for b in range(args.steps)]
+        batches = prepared_batches(recipe, dataset, config, args.steps)
         loop, multi = Trainee(recipe, config, rows), Trainee(recipe, config, rows)
         use_foreach_updates(multi.optimizer)
         tensors = sum(len(group["params"]) for group in loop.optimizer.param_groups)

@@ -60,6 +60,13 @@ class Trainee:
         return (time.perf_counter() - start) * 1000.0 / len(batches)
 
 
+def prepared_batches(recipe: Any, dataset: Any, config: dict[str, Any], count: int) -> list[Any]:
+    """``count`` collated batches of the preset's size, from one fixed shuffle of ``dataset`` (seed 0)."""
+    size = int(config["batch_size"])
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    return [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config) for b in range(count)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args, root = demo_benchmark_setup("benchmarks.demo_vocabulary_rows", __doc__.split("\n")[0], "steps", 10, argv)
     print(f"{'method':<11} {'rows used':>9} {'of':>6} {'whole table ms':>14} {'used rows ms':>12} {'ratio':>6}")
@@ -72,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows is None:
             print(f"{method:<11} (its demo preset draws random tokens: the whole table is trained)")
             continue
-        size = int(config["batch_size"])
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-        batches = [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config)
-                   for b in range(args.steps)]
+        batches = prepared_batches(recipe, dataset, config, args.steps)
         whole, used = Trainee(recipe, config, None), Trainee(recipe, config, rows)
         vocabulary = used.model.get_submodule(used.table_name).num_embeddings
         whole.step_ms(batches[:2])  # warm-up: allocator, lazily built kernels

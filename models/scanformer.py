@@ -79,6 +79,7 @@ __all__ = [
     "load_scanformer_checkpoint",
     "ScanFormerGrounder",
     "preprocess_image",
+    "tokenize_expressions",
 ]
 
 CHECKPOINT_FORMAT = "scanformer-v1"
@@ -749,6 +750,14 @@ def canvas_box_to_image(box_cxcywh: Sequence[float], letterbox: Letterbox, canva
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def tokenize_expressions(expressions: Sequence[str], tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT ids and attention mask [N, max_len] as ViLT's collate makes them (truncated, padded to max_len); each
+    row depends on its own text only. Training and serving share it."""
+    encoded = tokenizer(list(expressions), padding="max_length", truncation=True, max_length=max_len,
+                        return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
 class ScanFormerGrounder:
     """What the /ground route calls: image + expressions -> boxes in original-image pixels.
 
@@ -794,14 +803,7 @@ class ScanFormerGrounder:
         return cls(model, device, precision, version=f"scanformer-random-{digest:08x}-seed{seed}")
 
     def tokenize(self, expressions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(
-            expressions,
-            padding="max_length",
-            truncation=True,
-            max_length=self.cfg.vilt.max_text_len,
-            return_tensors="pt",
-        )
-        return encoded["input_ids"], encoded["attention_mask"]
+        return tokenize_expressions(expressions, self.tokenizer, self.cfg.vilt.max_text_len)
 
     @torch.inference_mode()
     def ground(self, image: Image.Image, expressions: list[str]) -> list[dict[str, Any]]:

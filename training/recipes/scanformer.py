@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import load_checkpoint_file
-from models.scanformer import CHECKPOINT_FORMAT, ScanFormer, ScanFormerConfig, ScanOutput, scanformer_losses
+from models.scanformer import (
+    CHECKPOINT_FORMAT,
+    ScanFormer,
+    ScanFormerConfig,
+    ScanOutput,
+    scanformer_losses,
+    tokenize_expressions,
+)
 from models.tokenizers import bert_tokenizer
 from models.vilt import ViltConfig
 from training.datasets import (
@@ -154,13 +161,6 @@ TINY: Config = {
 }
 
 
-def tokenize_padded(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT ids and attention mask [N, max_len] (padded to max_len, truncated), as ViLT's collate makes them."""
-    encoded = bert_tokenizer()(texts, padding="max_length", truncation=True, max_length=max_len,
-                               return_tensors="pt")
-    return encoded["input_ids"], encoded["attention_mask"]
-
-
 def sincos_position_grid(grid: int, dim: int) -> torch.Tensor:
     """A 2D sine-cosine table [grid * grid, dim] (row-major, as ``pos_embed``): a quarter of the channels each
     for sin/cos of x and of y, at frequencies spaced geometrically from a quarter period over the grid up to
@@ -249,7 +249,7 @@ class ScanFormerRecipe(Recipe):
         max_len = int(config["model"]["vilt"]["max_text_len"])
         return ReferDataset(refer, "train", unit="sentence", transform=transform, with_mask=False,
                             image_reader=image_reader(config.get("image_cache_mb", 0)),
-                            tokenize=TextCache(lambda text: tokenize_padded([text], max_len)))
+                            tokenize=TextCache(lambda text: tokenize_expressions([text], bert_tokenizer(), max_len)))
 
     def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
         """Stacks the samples' token rows (each text tokenised once, after the flip's left/right swap, and
