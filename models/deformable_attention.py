@@ -66,9 +66,11 @@ def deformable_sample(value: torch.Tensor, shapes: list[tuple[int, int]], locati
     outs = []
     for start in range(0, q, chunk):
         stop = min(q, start + chunk)
+        # Each level's grid is made contiguous: PyTorch's CPU grid sampler takes its vectorised kernel only for a
+        # contiguous grid (the same samples bit for bit, 2.5-3x faster; the input gradient rounds differently).
         samples = [
-            F.grid_sample(level_value, grids[:, start:stop, level], mode="bilinear", padding_mode="zeros",
-                          align_corners=False)  # (B*heads, d, chunk, points)
+            F.grid_sample(level_value, grids[:, start:stop, level].contiguous(), mode="bilinear",
+                          padding_mode="zeros", align_corners=False)  # (B*heads, d, chunk, points)
             for level, level_value in enumerate(level_values)
         ]
         outs.append((torch.stack(samples, dim=-2).flatten(-2) * weights[:, :, start:stop]).sum(-1))

@@ -319,6 +319,34 @@ def test_deformable_sampling_chunks_match_one_piece(monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(got, expected[:, None].expand(-1, 45, -1, -1))
 
 
+def test_deformable_sampling_hands_the_grid_sampler_contiguous_grids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every level's grid reaches ``F.grid_sample`` contiguous (PyTorch's CPU sampler takes its vectorised kernel
+    only then; ``benchmarks.deformable_sampling``), chunked or not, and the samples are those of the strided
+    per-level slices bit for bit."""
+    import models.deformable_attention as da
+    from benchmarks.deformable_sampling import strided_grids
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 3), (6, 6)]
+    value = torch.randn(2, 45, 4, 8, generator=g)
+    locations = torch.rand(2, 45, 4, 2, 3, 2, generator=g) * 1.4 - 0.2
+    weights = torch.rand(2, 45, 4, 2, 3, generator=g).softmax(-1)
+    with strided_grids():
+        strided = da.deformable_sample(value, shapes, locations, weights)
+    sampler = torch.nn.functional.grid_sample
+    layouts: list[bool] = []
+
+    def recording_sampler(value: torch.Tensor, grid: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        layouts.append(grid.is_contiguous())
+        return sampler(value, grid, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", recording_sampler)
+    torch.testing.assert_close(da.deformable_sample(value, shapes, locations, weights), strided, atol=0, rtol=0)
+    monkeypatch.setattr(da, "SAMPLE_CHUNK_BYTES", 1000)
+    torch.testing.assert_close(da.deformable_sample(value, shapes, locations, weights), strided, atol=0, rtol=0)
+    assert len(layouts) > 2 * len(shapes) and all(layouts)
+
+
 def test_checkpoint_image_size_and_segmenter_from_checkpoint(tmp_path: Path, small_model: MagNet) -> None:
     import argparse
 
