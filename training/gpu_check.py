@@ -4,8 +4,9 @@ Usage: ``python -m training.gpu_check --out DIR [--device cuda] [--steps-timed 1
 
 1. Each recipe's tiny preset on the tiny synthetic data, with mixed precision (``precision="auto"``: bf16
    autocast on a GPU that has it, else fp16 with a GradScaler): the loss on a fixed batch falls, a run stopped
-   at step 2 and resumed to step 4 logs the losses of a straight run to step 4 (to 1e-5: GPU kernels need not
-   be deterministic), and the exported file loads in the service's adapter on the device and answers a request.
+   at step 2 and resumed to step 4 logs the losses of a straight run to step 4 (within 1e-5, or ten times what
+   two straight runs differ by: CUDA's grid-sampler backward, in MagNet, sums with atomics in no fixed order),
+   and the exported file loads in the service's adapter on the device and answers a request.
 2. Each demo preset on the medium synthetic data: ms per training step, fp32 against the automatic mixed precision
    (median of three runs of ``--steps-timed`` steps on the same prepared batches).
 3. With ``--scanformer-epochs N``: ScanFormer's demo preset trained N epochs on the device, then its held-out
@@ -76,16 +77,19 @@ def check_tiny(method: str, data: Path, out: Path, device: torch.device) -> list
     if not after < before:
         failures.append(f"{method}: loss did not fall ({before} -> {after})")
 
-    train(recipe, data / kind, out / "straight", config, max_steps=4, device=device, progress=False)
+    for name in ("straight", "again"):
+        train(recipe, data / kind, out / name, config, max_steps=4, device=device, progress=False)
     train(recipe, data / kind, out / "resumed", config, max_steps=2, device=device, progress=False)
     resumed = train(recipe, data / kind, out / "resumed", config, max_steps=4, resume=True, device=device,
                     progress=False)
-    straight_losses, resumed_losses = ({r["step"]: r["loss"] for r in read_jsonl(out / name / "metrics.jsonl")
-                                        if r["kind"] == "step"} for name in ("straight", "resumed"))
-    gap = max(abs(straight_losses[s] - resumed_losses.get(s, float("inf"))) for s in (3, 4))
-    print(f"{method}: resumed at step 2, steps 3-4 differ from the straight run by {gap:.2e}", flush=True)
-    if sorted(resumed_losses) != [1, 2, 3, 4] or gap > 1e-5:
-        failures.append(f"{method}: resume did not continue the straight run (gap {gap})")
+    losses = {name: {r["step"]: r["loss"] for r in read_jsonl(out / name / "metrics.jsonl") if r["kind"] == "step"}
+              for name in ("straight", "again", "resumed")}
+    gap = max(abs(losses["straight"][s] - losses["resumed"].get(s, float("inf"))) for s in (3, 4))
+    spread = max(abs(losses["straight"][s] - losses["again"][s]) for s in (3, 4))
+    print(f"{method}: resumed at step 2, steps 3-4 differ from a straight run by {gap:.2e} (two straight runs: "
+          f"{spread:.2e})", flush=True)
+    if sorted(losses["resumed"]) != [1, 2, 3, 4] or gap > max(1e-5, 10 * spread):
+        failures.append(f"{method}: resume did not continue the straight run (gap {gap}, spread {spread})")
 
     from service.registry import METHODS as SERVICE_METHODS
 
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--steps-timed", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=sorted(METHOD_DATA), choices=sorted(METHOD_DATA),
+                        help="part 1's recipes")
+    parser.add_argument("--steps-timed", type=int, default=10, help="0 skips part 2")
     parser.add_argument("--scanformer-epochs", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8, help="data-loading processes for part 3")
     parser.add_argument("--scanformer-budget-s", type=float, default=None, help="time cap of part 3's training")
@@ -152,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     generate_caption(tiny / "caption", seed=0, size="tiny", progress=False)
     generate_refer(tiny / "refer", seed=0, size="tiny", progress=False)
     failures = []
-    for method in sorted(METHOD_DATA):
+    for method in args.methods:
         failures += check_tiny(method, tiny, args.out / method, device)
 
-    root = ensure_data(None, jobs=3)
-    print(f"{'demo preset':<11} {'fp32 ms/step':>12} {'auto ms/step':>12} {'ratio':>6}", flush=True)
-    for method in sorted(METHOD_DATA):
+    root = ensure_data(None, jobs=3) if args.steps_timed or args.scanformer_epochs else Path()
+    if args.steps_timed:
+        print(f"{'demo preset':<11} {'fp32 ms/step':>12} {'auto ms/step':>12} {'ratio':>6}", flush=True)
+    for method in sorted(METHOD_DATA) if args.steps_timed else []:
         fp32 = step_ms(method, root, device, "fp32", args.steps_timed)
         mixed = step_ms(method, root, device, "auto", args.steps_timed)
         print(f"{method:<11} {fp32:>12.1f} {mixed:>12.1f} {fp32 / mixed:>6.2f}", flush=True)
