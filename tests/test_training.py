@@ -619,3 +619,32 @@ def test_ivt_shared_colour_batches_use_the_synthetic_colour_labels(data_root: Pa
         sample.labels = None
     with pytest.raises(ValueError, match="clothing colours"):
         recipe.epoch_order(dataset, config, seed=0, epoch=0)
+
+
+def test_torchrun_trains_with_two_processes_logs_once_and_resumes(data_root: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` (gloo on the CPU): DistributedDataParallel over two ranks, each step
+    logged once by rank 0, both ranks' random states in the checkpoint, resume continuing at the next step, and
+    the export loading in the service."""
+    import os
+    import subprocess
+    import sys
+
+    def torchrun(*extra: str) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "training.train", "irra", "--data", str(data_root / "person"), "--out", str(tmp_path),
+                   "--config", "tiny", "--device", "cpu", "--threads", "1", "--no-progress",
+                   "--set", "epochs=100", "log_every=1", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun("--max-steps", "2")
+    state = torch.load(tmp_path / "last.pth", weights_only=False)
+    assert state["step"] == 2 and len(state["rng"]) == 2
+    torchrun("--max-steps", "3", "--resume")
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == [1, 2, 3]
+    assert torch.load(tmp_path / "last.pth", weights_only=False)["step"] == 3
+    model, _ = _load_adapter("irra", tmp_path / get_recipe("irra").export_name)
+    assert model.encode_texts(["a person in a red shirt"]).shape[0] == 1
