@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.demo_data_loading import demo_benchmark_setup
-from benchmarks.demo_vocabulary_rows import Trainee, prepared_batches
+from benchmarks.demo_vocabulary_rows import Trainee
 from benchmarks.magnet_latency import DEFAULT_FIXTURES, build_segmenter, request_image
-from training.demo import synthetic_texts
+from training.demo import prepared_batches, synthetic_texts
 from training.recipes import get_recipe
 
 

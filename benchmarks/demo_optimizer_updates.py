@@ -18,8 +18,8 @@ import copy
 import statistics
 
 from benchmarks.demo_data_loading import demo_benchmark_setup
-from benchmarks.demo_vocabulary_rows import Trainee, prepared_batches
-from training.demo import METHOD_DATA, synthetic_texts
+from benchmarks.demo_vocabulary_rows import Trainee
+from training.demo import METHOD_DATA, prepared_batches, synthetic_texts
 from training.recipes import get_recipe
 from training.trainer import use_foreach_updates
 

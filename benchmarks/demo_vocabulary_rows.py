@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.demo_data_loading import demo_benchmark_setup
-from training.demo import METHOD_DATA, synthetic_texts
+from training.demo import METHOD_DATA, prepared_batches, synthetic_texts
 from training.recipes import get_recipe
 from training.trainer import StepContext, train_only_vocabulary_rows
 
@@ -58,13 +58,6 @@ class Trainee:
             update += time.perf_counter() - update_start
         self.update_ms = update * 1000.0 / len(batches)
         return (time.perf_counter() - start) * 1000.0 / len(batches)
-
-
-def prepared_batches(recipe: Any, dataset: Any, config: dict[str, Any], count: int) -> list[Any]:
-    """``count`` collated batches of the preset's size, from one fixed shuffle of ``dataset`` (seed 0)."""
-    size = int(config["batch_size"])
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    return [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config) for b in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:

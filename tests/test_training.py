@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training.gpu_check import fixed_batch_loss
 from training.recipes import get_recipe
 from training.synthetic import generate_caption, generate_person, generate_refer
 from training.trainer import StepContext, read_jsonl, seed_everything, train
@@ -44,25 +45,6 @@ def tiny_config(method: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def fixed_batch_loss(method: str, config: dict[str, Any], data: Path, state: dict[str, torch.Tensor] | None) -> float:
-    """The recipe's loss on the first samples of the training set, with every random draw fixed."""
-    recipe = get_recipe(method)
-    config = dict(config)
-    dataset = recipe.train_dataset(data, config)
-    seed_everything(int(config["seed"]))
-    model = recipe.build_model(config)
-    if state is not None:
-        model.load_state_dict(state)
-    model.train()
-    seed_everything(1234)
-    batch = recipe.collate([dataset[i] for i in range(int(config["batch_size"]))], config)
-    seed_everything(1234)
-    ctx = StepContext(epoch=1, step=0, step_in_epoch=0, steps_per_epoch=1, config=config, device=torch.device("cpu"))
-    with torch.no_grad():
-        losses = recipe.loss(model, batch, ctx)
-    return float(sum(v for k, v in losses.items() if "loss" in k))
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_training_lowers_the_loss(method: str, data_root: Path, tmp_path: Path) -> None:
     kind, steps, ratio = METHODS[method]
@@ -71,8 +53,8 @@ def test_training_lowers_the_loss(method: str, data_root: Path, tmp_path: Path) 
     result = train(get_recipe(method), data, tmp_path, config, max_steps=steps, progress=False)
     assert result.step == steps
     state = torch.load(tmp_path / "last.pth", weights_only=True)
-    before = fixed_batch_loss(method, state["config"], data, None)
-    after = fixed_batch_loss(method, state["config"], data, state["model"])
+    before = fixed_batch_loss(method, state["config"], data, None, torch.device("cpu"))
+    after = fixed_batch_loss(method, state["config"], data, state["model"], torch.device("cpu"))
     assert after < ratio * before, (before, after)
     logged = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in logged] == list(range(1, steps + 1))

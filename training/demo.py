@@ -197,6 +197,13 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
     return method, entry, metrics
 
 
+def prepared_batches(recipe: Any, dataset: Any, config: dict[str, Any], count: int) -> list[Any]:
+    """``count`` collated batches of the preset's size, from one fixed shuffle of ``dataset`` (seed 0)."""
+    size = int(config["batch_size"])
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    return [recipe.collate([dataset[i] for i in order[b * size:(b + 1) * size]], config) for b in range(count)]
+
+
 def balanced_queues(methods: list[str], jobs: int) -> list[list[str]]:
     """Split ``methods`` into at most ``jobs`` queues, each trained one method after another by its own process,
     so that the longest queue (by ``EXPECTED_SECONDS``) is as short as possible: every assignment is tried

@@ -30,8 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from benchmarks.demo_vocabulary_rows import prepared_batches
-from training.demo import METHOD_DATA, ensure_data
+from training.demo import METHOD_DATA, ensure_data, prepared_batches
 from training.recipes import get_recipe
 from training.synthetic import generate_caption, generate_person, generate_refer
 from training.trainer import StepContext, read_jsonl, resolve_precision, seed_everything, train
@@ -41,8 +40,10 @@ TINY_STEPS = {"irra": 12, "ivt": 30, "laps": 40, "scanformer": 30, "magnet": 12}
 
 def fixed_batch_loss(method: str, config: dict[str, Any], data: Path, state: dict[str, Any] | None,
                      device: torch.device) -> float:
-    """The recipe's fp32 loss on the first samples of the training set, every random draw fixed."""
+    """The recipe's fp32 loss on the first samples of the training set, every random draw fixed (also the CPU
+    suite's measure of a falling loss)."""
     recipe = get_recipe(method)
+    config = dict(config)
     dataset = recipe.train_dataset(data, config)
     seed_everything(int(config["seed"]))
     model = recipe.build_model(config)
