@@ -28,6 +28,12 @@ METHODS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def adapter_class(method: str) -> tuple[Any, str]:
+    """(the adapter class serving ``method``, its task), imported from ``METHODS``."""
+    module_name, class_name, task = METHODS[method]
+    return getattr(importlib.import_module(module_name), class_name), task
+
+
 @dataclass
 class ModelEntry:
     method: str
@@ -100,8 +106,7 @@ class ModelRegistry:
                 continue
             start = time.perf_counter()
             try:
-                module_name, class_name, _ = METHODS[method]
-                adapter = getattr(importlib.import_module(module_name), class_name)
+                adapter, _ = adapter_class(method)
                 device, precision = self.settings.torch_device(), self.settings.precision
                 if method in manifest:
                     entry = manifest[method]

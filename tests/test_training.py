@@ -61,12 +61,9 @@ def test_training_lowers_the_loss(method: str, data_root: Path, tmp_path: Path) 
 
 
 def _load_adapter(method: str, path: Path) -> Any:
-    import importlib
+    from service.registry import adapter_class
 
-    from service.registry import METHODS as SERVICE_METHODS
-
-    module_name, class_name, task = SERVICE_METHODS[method]
-    adapter = getattr(importlib.import_module(module_name), class_name)
+    adapter, task = adapter_class(method)
     return adapter.from_checkpoint(str(path), device="cpu", precision="fp32"), task
 
 

@@ -236,12 +236,9 @@ def evaluate_demo_entry(method: str, checkpoint: Path, data_root: Path, device: 
                         by_cue: bool = False) -> dict[str, float]:
     """Held-out (``test``) metrics of one demo model on its synthetic benchmark, with the chance level;
     ``by_cue``: ScanFormer / MagNet also per :func:`expression_cue`."""
-    import importlib
+    from service.registry import adapter_class
 
-    from service.registry import METHODS
-
-    module_name, class_name, _ = METHODS[method]
-    adapter = getattr(importlib.import_module(module_name), class_name)
+    adapter, _ = adapter_class(method)
     model = adapter.from_checkpoint(str(checkpoint), device=device, precision="fp32")
     if method in ("irra", "ivt"):
         args = argparse.Namespace(root=data_root / "person", dataset="CUHK-PEDES", split="test", method=method,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import statistics
 import sys
@@ -92,10 +91,9 @@ def check_tiny(method: str, data: Path, out: Path, device: torch.device) -> list
     if sorted(losses["resumed"]) != [1, 2, 3, 4] or gap > max(1e-5, 10 * spread):
         failures.append(f"{method}: resume did not continue the straight run (gap {gap}, spread {spread})")
 
-    from service.registry import METHODS as SERVICE_METHODS
+    from service.registry import adapter_class
 
-    module_name, class_name, task = SERVICE_METHODS[method]
-    adapter = getattr(importlib.import_module(module_name), class_name)
+    adapter, task = adapter_class(method)
     served = adapter.from_checkpoint(str(resumed.export_path), device=str(device), precision="fp32")
     image = Image.new("RGB", (48, 96), (200, 30, 30))
     if task == "search":
@@ -130,7 +128,8 @@ def step_ms(method: str, root: Path, device: torch.device, precision: str, steps
                 losses = recipe.loss(model, batch, ctx)
             optimizer.zero_grad(set_to_none=True)
             sum(v for k, v in losses.items() if "loss" in k).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.get("clip_grad_norm") or 1e9))
+            if config.get("clip_grad_norm"):  # as the trainer: clip only where the preset sets a norm
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(config["clip_grad_norm"]))
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
