@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from benchmarks.demo_data_loading import demo_benchmark_setup
-from training.demo import METHOD_DATA, prepared_batches, synthetic_texts
+from training.demo import METHOD_DATA, prepared_batches, synthetic_texts, timed_training_steps
 from training.recipes import get_recipe
-from training.trainer import StepContext, train_only_vocabulary_rows
+from training.trainer import train_only_vocabulary_rows
 
 
 class Trainee:
@@ -42,22 +41,9 @@ class Trainee:
         self.update_ms = 0.0  # the optimiser steps' share of the last step_ms, per step
 
     def step_ms(self, batches: list[Any]) -> float:
-        clip = self.config.get("clip_grad_norm")
-        update = 0.0
-        start = time.perf_counter()
-        for index, batch in enumerate(batches):
-            ctx = StepContext(1, index, index, len(batches), self.config, torch.device("cpu"))
-            losses = self.recipe.loss(self.model, batch, ctx)
-            total = sum(v for k, v in losses.items() if "loss" in k)
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
-            update_start = time.perf_counter()
-            self.optimizer.step()
-            update += time.perf_counter() - update_start
-        self.update_ms = update * 1000.0 / len(batches)
-        return (time.perf_counter() - start) * 1000.0 / len(batches)
+        step, self.update_ms = timed_training_steps(self.recipe, self.model, self.optimizer, self.config, batches,
+                                                    torch.device("cpu"))
+        return step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from training.demo import METHOD_DATA, ensure_data, prepared_batches
+from training.demo import METHOD_DATA, ensure_data, prepared_batches, timed_training_steps
 from training.recipes import get_recipe
 from training.synthetic import generate_caption, generate_person, generate_refer
 from training.trainer import StepContext, read_jsonl, resolve_precision, seed_everything, train
@@ -117,24 +117,8 @@ def step_ms(method: str, root: Path, device: torch.device, precision: str, steps
     model = recipe.build_model(config).to(device).train()
     optimizer = recipe.optimizer(recipe.param_groups(model, config), config)
     dtype = resolve_precision(precision, device)[0]
-    times = []
-    for repeat in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for index, batch in enumerate(batches):
-            ctx = StepContext(1, index, index, len(batches), config, device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                losses = recipe.loss(model, batch, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            sum(v for k, v in losses.items() if "loss" in k).backward()
-            if config.get("clip_grad_norm"):  # as the trainer: clip only where the preset sets a norm
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(config["clip_grad_norm"]))
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if repeat:  # the first run warms up the allocator and kernels
-            times.append((time.perf_counter() - start) * 1000.0 / len(batches))
+    times = [timed_training_steps(recipe, model, optimizer, config, batches, device, dtype)[0] for _ in range(4)]
+    times = times[1:]  # the first run warms up the allocator and kernels
     return statistics.median(times)
 
 
