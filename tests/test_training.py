@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.gpu_check import fixed_batch_loss
+from training.gpu_check import TINY_STEPS, fixed_batch_loss
 from training.recipes import get_recipe
 from training.synthetic import generate_caption, generate_person, generate_refer
 from training.trainer import StepContext, read_jsonl, seed_everything, train
@@ -22,11 +22,11 @@ torch.set_num_threads(2)
 
 # method -> (synthetic kind = data sub-folder, steps for the falling-loss check, required loss ratio after/before)
 METHODS: dict[str, tuple[str, int, float]] = {
-    "irra": ("person", 12, 0.9),
-    "ivt": ("person", 30, 0.98),  # CMPM from random weights leaves its plateau slowly
-    "laps": ("caption", 40, 0.95),
-    "scanformer": ("refer", 30, 0.95),
-    "magnet": ("refer", 12, 0.9),
+    "irra": ("person", TINY_STEPS["irra"], 0.9),
+    "ivt": ("person", TINY_STEPS["ivt"], 0.98),
+    "laps": ("caption", TINY_STEPS["laps"], 0.95),
+    "scanformer": ("refer", TINY_STEPS["scanformer"], 0.95),
+    "magnet": ("refer", TINY_STEPS["magnet"], 0.9),
 }
 
 
