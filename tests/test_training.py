@@ -218,6 +218,24 @@ def test_demo_run_method_trains_compacts_and_evaluates(method: str, data_root: P
     assert whole == grounding_head
 
 
+def test_demo_run_method_says_when_a_method_stopped_at_its_time_cap(data_root: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """On a machine too slow for the caps, the manifest entry and a warning say so, with a --time-scale that
+    would let the method finish; a run that finishes says nothing."""
+    import training.demo as demo
+
+    recipe = get_recipe("ivt")
+    monkeypatch.setitem(recipe.configs, "demo", {**recipe.configs["tiny"], "epochs": 2})
+    _, finished, _ = demo.run_method("ivt", data_root, tmp_path / "work", tmp_path, threads=1, time_scale=1.0)
+    assert not finished["train"]["stopped_at_time_cap"] and "WARNING" not in capsys.readouterr().err
+    _, capped, _ = demo.run_method("ivt", data_root, tmp_path / "work", tmp_path, threads=1, time_scale=1e-6)
+    assert capped["train"]["stopped_at_time_cap"] and capped["train"]["epochs"] == 0
+    assert "ivt stopped at its time cap (0 s) after 0 of 2 epochs" in capsys.readouterr().err
+    assert "--time-scale 2.5 or more" in demo.time_cap_warning("ivt", 150.0, epochs=3, planned_epochs=5, time_scale=1.5)
+    assert "--time-scale 2 or more" in demo.time_cap_warning("ivt", 100.0, epochs=3, planned_epochs=5, time_scale=1.0)
+
+
 def test_trained_rows_embedding_refuses_ids_outside_its_rows() -> None:
     from training.trainer import TrainedRowsEmbedding
 

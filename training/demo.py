@@ -26,6 +26,7 @@ import argparse
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -173,8 +174,9 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
     texts = synthetic_texts(data_root / kind, kind)
     # only the word-table rows the synthetic texts use are trained: the same weights, 0-15% faster per step
     # (``benchmarks.demo_vocabulary_rows``)
+    cap = TIME_BUDGET_S[method] * time_scale
     result = train(recipe, data_root / kind, run_dir, config, device="cpu", precision="fp32",
-                   time_budget_s=TIME_BUDGET_S[method] * time_scale, progress=True,
+                   time_budget_s=cap, progress=True,
                    vocabulary_rows=recipe.vocabulary_rows(texts, config))
     target = out / f"{method}.pth"
     shutil.copyfile(result.export_path, target)
@@ -184,7 +186,8 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
     entry = {
         "file": target.name, "source": "demo", "config": "demo", "data": f"{kind}: {data_versions(data_root)[kind]}",
         "train": {"epochs": result.epoch, "steps": result.step, "seconds": round(result.seconds, 1),
-                  "planned_epochs": config["epochs"], "last_losses": result.last_losses},
+                  "planned_epochs": config["epochs"], "stopped_at_time_cap": result.epoch < config["epochs"],
+                  "last_losses": result.last_losses},
         "metric": name, "value": round(metrics[name], 2), "chance": round(metrics[chance], 2),
         "metrics": {k: round(v, 2) for k, v in metrics.items()},
         "size_bytes": target.stat().st_size, "vocabulary_rows_kept": [kept, rows],
@@ -194,7 +197,22 @@ def run_method(method: str, data_root: Path, work: Path, out: Path, threads: int
         entry["note"] = config["demo_note"]
     print(f"[demo] {method}: {name} {metrics[name]:.2f} (chance {metrics[chance]:.2f}), "
           f"{result.step} steps in {result.seconds:.0f}s", file=sys.stderr)
+    if entry["train"]["stopped_at_time_cap"]:
+        print(time_cap_warning(method, cap, result.epoch, int(config["epochs"]), time_scale),
+              file=sys.stderr)
     return method, entry, metrics
+
+
+def time_cap_warning(method: str, cap_s: float, epochs: int, planned_epochs: int, time_scale: float) -> str:
+    """What to tell a user whose machine trained ``method`` too slowly to finish its epochs within the cap:
+    the ``--time-scale`` that would have let it finish, from the epochs that did (rounded up to a half)."""
+    if epochs:
+        advice = f"--time-scale {math.ceil(2 * time_scale * planned_epochs / epochs) / 2:g} or more lets it finish"
+    else:
+        advice = f"not one epoch finished, so it needs a --time-scale above {time_scale * planned_epochs:g}"
+    return (f"[demo] WARNING: {method} stopped at its time cap ({cap_s:.0f} s) after {epochs} of {planned_epochs} "
+            f"epochs, so its figures fall short of what the preset gives. This machine trains more slowly than "
+            f"the one training.demo.EXPECTED_SECONDS was measured on; {advice}.")
 
 
 def prepared_batches(recipe: Any, dataset: Any, config: dict[str, Any], count: int) -> list[Any]:
