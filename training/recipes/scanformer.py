@@ -153,6 +153,9 @@ OFFICIAL: Config = {
 # this preset's time) 51.19. On an NVIDIA H200 (fp32, 15 data workers, CUDA numerics), where a step costs 65 ms:
 # 36 epochs of this preset 62.71 (val 63.07; shape-only 26.04, size 54.84), width 64 with 4 heads for 30 epochs
 # 65.90 (shape-only 36.98, size 64.52). More epochs and width help, but neither reaches 70 with shape words unlearnt.
+# Back on the family 23 model 1: the selection aid at weight 8 on the finest scale too (``select_box_every_scale``,
+# where the 8x8 patches could show a shape) 41.21 and 44.40 for seeds 0 and 1, against 52.09 and 50.70; its box loss
+# lagged this preset's from the fourth epoch, as at weight 4 before (38.43).
 DEMO: Config = {
     **OFFICIAL, "image_cache_mb": 1024, "resized_cache_mb": 512,  # the demo data fits in memory, also resized
     "dataset": "refsynth", "epochs": 16, "batch_size": 64, "log_every": 10, "clip_grad_norm": 1.0, "lr": 2e-3,
