@@ -32,7 +32,7 @@ from PIL import Image
 from training.demo import METHOD_DATA, ensure_data, prepared_batches, timed_training_steps
 from training.recipes import get_recipe
 from training.synthetic import generate_caption, generate_person, generate_refer
-from training.trainer import StepContext, read_jsonl, resolve_precision, seed_everything, train
+from training.trainer import StepContext, move_to, read_jsonl, resolve_precision, seed_everything, train
 
 # Steps of each tiny preset after which its fixed-batch loss must have fallen, here and in tests/test_training.py
 # (IVT's 30: CMPM from random weights leaves its plateau slowly).
@@ -53,7 +53,7 @@ def fixed_batch_loss(method: str, config: dict[str, Any], data: Path, state: dic
     model.to(device).train()
     seed_everything(1234)
     batch = recipe.collate([dataset[i] for i in range(int(config["batch_size"]))], config)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = move_to(batch, device)
     seed_everything(1234)
     ctx = StepContext(epoch=1, step=0, step_in_epoch=0, steps_per_epoch=1, config=config, device=device)
     with torch.no_grad():
@@ -113,15 +113,13 @@ def step_ms(method: str, root: Path, device: torch.device, precision: str, steps
     recipe = get_recipe(method)
     config = copy.deepcopy(recipe.config("demo"))
     dataset = recipe.train_dataset(root / METHOD_DATA[method], config)
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-               for batch in prepared_batches(recipe, dataset, config, steps)]
+    batches = move_to(prepared_batches(recipe, dataset, config, steps), device)
     seed_everything(0)
     model = recipe.build_model(config).to(device).train()
     optimizer = recipe.optimizer(recipe.param_groups(model, config), config)
     dtype = resolve_precision(precision, device)[0]
     times = [timed_training_steps(recipe, model, optimizer, config, batches, device, dtype)[0] for _ in range(4)]
-    times = times[1:]  # the first run warms up the allocator and kernels
-    return statistics.median(times)
+    return statistics.median(times[1:])  # the first run warms up the allocator and kernels
 
 
 def main(argv: list[str] | None = None) -> int:
