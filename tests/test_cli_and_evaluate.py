@@ -102,15 +102,20 @@ def test_expression_cue_names_the_cue_each_generated_expression_uses() -> None:
 
 
 class ScriptedGrounder:
-    """Answers the images of a refer split in ``evaluate_boxes``' order with a given box per sentence."""
+    """Answers the images of a refer split in ``evaluate_boxes``' order with a given box per sentence; with
+    ``coarse`` boxes too, ScanFormer's ``per_scale_boxes`` are (coarse box, answer)."""
 
-    def __init__(self, boxes: list[list[np.ndarray]]) -> None:
+    def __init__(self, boxes: list[list[np.ndarray]], coarse: list[list[np.ndarray]] | None = None) -> None:
         self.boxes = iter(boxes)
+        self.coarse = iter(coarse) if coarse is not None else None
 
     def ground(self, image: object, texts: list[str]) -> list[dict]:
         boxes = next(self.boxes)
         assert len(boxes) == len(texts)
-        return [{"box_xyxy": box.tolist()} for box in boxes]
+        if self.coarse is None:
+            return [{"box_xyxy": box.tolist()} for box in boxes]
+        return [{"box_xyxy": box.tolist(), "per_scale_boxes": [coarse.tolist(), box.tolist()]}
+                for box, coarse in zip(boxes, next(self.coarse), strict=True)]
 
 
 def test_box_evaluation_by_cue_adds_up_to_the_whole_split(refer_root: Path) -> None:
@@ -149,3 +154,22 @@ def test_mask_evaluation_by_cue_is_a_partition_of_the_sentences(refer_root: Path
     lines = []
     evaluate.print_cue_table({"magnet": metrics}, write=lines.append)
     assert lines[2].startswith("| magnet | mIoU | ") and lines[2].count("sentences") == len(cues)
+
+
+def test_box_evaluation_per_scale_scores_each_scales_box(refer_root: Path) -> None:
+    """``per_scale``: one Acc@0.5 per scale's box; the last scale's is the answer's."""
+    from training.datasets import read_refer
+
+    refer = read_refer(refer_root, "refsynth", "unc")
+    sentences = evaluate._refer_sentences(refer, "test")
+    truth = [[refer.ref_box_xyxy(ref) for ref, _ in items] for items in sentences.values()]
+    first = [[refer.ref_box_xyxy(items[0][0])] * len(items) for items in sentences.values()]
+    refined = evaluate.evaluate_boxes(ScriptedGrounder(truth, coarse=first), refer_root, split="test",
+                                      per_scale=True)
+    picked = evaluate.evaluate_boxes(ScriptedGrounder(first), refer_root, split="test")
+    assert refined["Acc@0.5 scale1"] == refined["Acc@0.5"] == 100.0
+    assert refined["Acc@0.5 scale0"] == pytest.approx(picked["Acc@0.5"]) and picked["Acc@0.5"] < 100.0
+    coarsened = evaluate.evaluate_boxes(ScriptedGrounder(first, coarse=truth), refer_root, split="test",
+                                        per_scale=True)
+    assert coarsened["Acc@0.5 scale0"] == 100.0 and coarsened["Acc@0.5 scale1"] == coarsened["Acc@0.5"] < 100.0
+    assert "Acc@0.5 scale0" not in picked

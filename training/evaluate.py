@@ -157,14 +157,17 @@ def _objects_of_image(refer: Any) -> dict[int, list[dict]]:
 
 
 def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", split_by: str = "unc",
-                   split: str = "test", by_cue: bool = False) -> dict[str, float]:
+                   split: str = "test", by_cue: bool = False, per_scale: bool = False) -> dict[str, float]:
     """REC Acc@0.5 over every sentence of the split; ``chance``: the expected Acc@0.5 of picking one of the
-    image's annotated objects at random. ``by_cue`` adds Acc@0.5 and chance per :func:`expression_cue`."""
+    image's annotated objects at random. ``by_cue`` adds Acc@0.5 and chance per :func:`expression_cue`;
+    ``per_scale`` adds ``Acc@0.5 scale<l>``, the Acc@0.5 of the box each scale's [REG] gives (ScanFormer's
+    ``per_scale_boxes``, coarse to fine; the last scale's is the answer): how much each finer scale refines."""
     from training.datasets import read_refer
 
     refer = read_refer(data_root, dataset, split_by)
     objects = _objects_of_image(refer)
     correct, chance, ious, texts = [], [], [], []
+    scale_correct: list[list[bool]] = []
     for image_id, items in tqdm(_refer_sentences(refer, split).items(), desc="images", unit="image"):
         image = read_image(refer.image_path(items[0][0]))
         results = grounder.ground(image, [text for _, text in items])
@@ -174,6 +177,9 @@ def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", sp
             iou = box_iou_xyxy(np.asarray(result["box_xyxy"], np.float64), target)
             ious.append(iou)
             correct.append(iou >= 0.5)
+            if per_scale:
+                scale_correct.append([box_iou_xyxy(np.asarray(box, np.float64), target) >= 0.5
+                                      for box in result["per_scale_boxes"]])
             candidates = [np.array([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                     a["bbox"][1] + a["bbox"][3]]) for a in objects[image_id]]
             chance.append(np.mean([box_iou_xyxy(c, target) >= 0.5 for c in candidates]))
@@ -181,6 +187,9 @@ def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", sp
               "chance_Acc@0.5": 100.0 * float(np.mean(chance)), "sentences": float(len(correct))}
     if by_cue:
         result.update(metrics_by_cue(texts, {"Acc@0.5": correct, "chance_Acc@0.5": chance}))
+    if per_scale:
+        for scale, hits in enumerate(zip(*scale_correct, strict=True)):
+            result[f"Acc@0.5 scale{scale}"] = 100.0 * float(np.mean(hits))
     return result
 
 
@@ -348,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data", type=Path, help="synthetic data root (generated there when missing)")
     demo.add_argument("--by-cue", action="store_true",
                       help="also ScanFormer / MagNet per expression cue: location, colour, size, other")
+    sub.choices["box"].add_argument("--per-scale", action="store_true",
+                                    help="also the Acc@0.5 of each scale's box, coarse to fine")
     for p in (caption, sub.choices["box"], sub.choices["mask"], demo):
         p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -365,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         from models.scanformer import ScanFormerGrounder
 
         model = ScanFormerGrounder.from_checkpoint(args.checkpoint, device=args.device)
-        metrics = evaluate_boxes(model, args.root, args.dataset, args.split_by, args.split, args.by_cue)
+        metrics = evaluate_boxes(model, args.root, args.dataset, args.split_by, args.split, args.by_cue,
+                                 args.per_scale)
         title = f"scanformer on {args.dataset} ({args.split_by}) {args.split}"
     elif args.task == "mask":
         from models.magnet import MagNetSegmenter
