@@ -618,6 +618,26 @@ def test_ivt_shared_colour_batches_use_the_synthetic_colour_labels(data_root: Pa
         recipe.epoch_order(dataset, config, seed=0, epoch=0)
 
 
+def test_irra_identity_sampler_batches_whole_identities(data_root: Path) -> None:
+    """IRRA's ``sampler`` option: "random" leaves the trainer's shuffle; "identity" gives batches of
+    ``batch_size // num_instance`` identities with ``num_instance`` items each (the synthetic colour labels now
+    reach IRRA's reader too, for the shared-colour demo aid); anything else is refused."""
+    recipe = get_recipe("irra")
+    config = tiny_config("irra", batch_size=8, num_instance=2)
+    dataset = recipe.train_dataset(data_root / "person", config)
+    assert recipe.epoch_order(dataset, config, seed=0, epoch=0) is None
+    assert all(s.labels and s.labels["upper_colour"] for s in dataset.samples)
+    for fraction in (0.0, 0.5):
+        order = recipe.epoch_order(dataset, {**config, "sampler": "identity", "shared_colour_fraction": fraction},
+                                   seed=0, epoch=0)
+        assert order and len(order) % 8 == 0
+        for start in range(0, len(order), 8):
+            pids = [dataset.samples[i].pid for i in order[start:start + 8]]
+            assert len(set(pids)) == 4 and all(pids.count(pid) == 2 for pid in pids)
+    with pytest.raises(ValueError, match="sampler"):
+        recipe.epoch_order(dataset, {**config, "sampler": "softmax"}, seed=0, epoch=0)
+
+
 def test_torchrun_trains_with_two_processes_logs_once_and_resumes(data_root: Path, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2`` (gloo on the CPU): DistributedDataParallel over two ranks, each step
     logged once by rank 0, both ranks' random states in the checkpoint, resume continuing at the next step, and

@@ -304,7 +304,8 @@ def read_person_annotations(root: str | Path, dataset_name: str) -> PersonAnnota
     for image_id, record in enumerate(splits["train"]):
         pid = int(record["id"]) + spec.irra_pid_offset
         for caption in record["captions"]:
-            train.append(PersonCaption(pid, image_id, str(image_dir / record[spec.image_key]), caption))
+            train.append(PersonCaption(pid, image_id, str(image_dir / record[spec.image_key]), caption,
+                                       labels=record.get("attributes")))
     train_pids = sorted({c.pid for c in train})
     if train_pids != list(range(len(train_pids))):
         raise ValueError(f"{dataset_name}: train pids must be 0..C-1 after the official offset "
@@ -533,6 +534,23 @@ class RandomIdentitySampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+def identity_epoch_order(samples: Sequence[PersonCaption], batch_size: int, num_instances: int, seed: int,
+                         epoch: int, shared_colour_fraction: float = 0.0) -> list[int]:
+    """One epoch of :class:`RandomIdentitySampler` over person training items (IVT's sampler; IRRA's
+    ``sampler identity``). ``shared_colour_fraction`` > 0 (a demo aid) groups identities by the (upper, lower)
+    clothing colours ``training.synthetic`` records in each item's ``labels``."""
+    groups = None
+    if shared_colour_fraction:
+        if any(not s.labels or "upper_colour" not in s.labels for s in samples):
+            raise ValueError("shared_colour_fraction needs the clothing colours training.synthetic writes "
+                             "into each record ('attributes')")
+        groups = [(s.labels["upper_colour"], s.labels["lower_colour"]) for s in samples]
+    sampler = RandomIdentitySampler([s.pid for s in samples], batch_size, num_instances, seed, groups,
+                                    shared_colour_fraction)
+    sampler.set_epoch(epoch)
+    return list(sampler)
 
 
 # ==========================================================================================================

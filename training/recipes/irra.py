@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from models.clip_tokenizer import irra_tokenizer
 from models.irra import (
@@ -36,6 +37,7 @@ from models.irra import (
 from training.datasets import (
     PersonTrainDataset,
     TextCache,
+    identity_epoch_order,
     image_reader,
     irra_mlm_mask,
     irra_train_transform,
@@ -52,6 +54,8 @@ OFFICIAL: Config = {
     "bias_lr_factor": 2.0, "lr_factor": 5.0, "warmup_epochs": 5, "warmup_factor": 0.1, "target_lr": 0.0,
     "img_aug": True, "masked_caption_quirk": True, "sdm_weight": 1.0, "id_loss_weight": 1.0,
     "mlm_loss_weight": 1.0, "export_fp16": False, "export_training_heads": True,
+    "sampler": "random", "num_instance": 4,  # official options: "identity" = num_instance items of each id a batch
+    "shared_colour_fraction": 0.0,  # demo only, sampler "identity": share of a batch's ids with its first id's colours
 }
 
 # Small CLIP towers (image: ViT layout at 96x32 with 8x8 patches -> 12x4 patches, width 128, 4 layers, 2 heads;
@@ -127,6 +131,17 @@ class IRRARecipe(Recipe):
             mlm=mlm, caption_ids_are_masked=bool(config["masked_caption_quirk"]),
             image_reader=image_reader(config.get("image_cache_mb", 0)),
         )
+
+    def epoch_order(self, dataset: Dataset, config: Config, seed: int, epoch: int) -> list[int] | None:
+        """``sampler random``: the trainer's shuffle; ``identity``: IRRA's ``RandomIdentitySampler`` (batches of
+        ``batch_size // num_instance`` identities with ``num_instance`` items each)."""
+        if config["sampler"] == "random":
+            return None
+        if config["sampler"] != "identity":
+            raise ValueError(f"sampler is 'random' or 'identity', not {config['sampler']!r}")
+        return identity_epoch_order(dataset.samples, int(config["batch_size"]),  # type: ignore[attr-defined]
+                                    int(config["num_instance"]), seed, epoch,
+                                    float(config.get("shared_colour_fraction", 0.0)))
 
     def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
         batch = {"images": torch.stack([s["image"] for s in samples]),

@@ -27,7 +27,7 @@ from models.ivt import ATTENTION_MASK_FILL, IVT, IVTConfig, IVTEncoder, cmpm_los
 from training.datasets import (
     ImageReader,
     PersonCaption,
-    RandomIdentitySampler,
+    identity_epoch_order,
     image_reader,
     ivt_phrase_level_text,
     ivt_test_transform,
@@ -202,18 +202,9 @@ class IVTRecipe(Recipe):
                                image_reader=reader)
 
     def epoch_order(self, dataset: Dataset, config: Config, seed: int, epoch: int) -> list[int] | None:
-        samples = dataset.samples  # type: ignore[attr-defined]
-        pids = [s.pid for s in samples]
-        groups = None
-        if config.get("shared_colour_fraction"):  # synthetic labels: (upper, lower) clothing colour
-            if any(not s.labels or "upper_colour" not in s.labels for s in samples):
-                raise ValueError("shared_colour_fraction needs the clothing colours training.synthetic writes "
-                                 "into each record ('attributes')")
-            groups = [(s.labels["upper_colour"], s.labels["lower_colour"]) for s in samples]
-        sampler = RandomIdentitySampler(pids, int(config["batch_size"]), int(config["num_instances"]), seed,
-                                        groups, float(config.get("shared_colour_fraction", 0.0)))
-        sampler.set_epoch(epoch)
-        return list(sampler)
+        return identity_epoch_order(dataset.samples, int(config["batch_size"]),  # type: ignore[attr-defined]
+                                    int(config["num_instances"]), seed, epoch,
+                                    float(config.get("shared_colour_fraction", 0.0)))
 
     def collate(self, samples: list[dict[str, Any]], config: Config) -> Batch:
         """``processor.py`` L113-127: texts = word ++ phrase ++ sentence, images = view1 ++ view2 ++ view3
