@@ -623,7 +623,7 @@ def test_irra_identity_sampler_batches_whole_identities(data_root: Path) -> None
     ``batch_size // num_instance`` identities with ``num_instance`` items each (the synthetic colour labels now
     reach IRRA's reader too, for the shared-colour demo aid); anything else is refused."""
     recipe = get_recipe("irra")
-    config = tiny_config("irra", batch_size=8, num_instance=2)
+    config = tiny_config("irra", batch_size=8, num_instance=2, sampler="random")
     dataset = recipe.train_dataset(data_root / "person", config)
     assert recipe.epoch_order(dataset, config, seed=0, epoch=0) is None
     assert all(s.labels and s.labels["upper_colour"] for s in dataset.samples)
