@@ -173,3 +173,38 @@ def test_box_evaluation_per_scale_scores_each_scales_box(refer_root: Path) -> No
                                         per_scale=True)
     assert coarsened["Acc@0.5 scale0"] == 100.0 and coarsened["Acc@0.5 scale1"] == coarsened["Acc@0.5"] < 100.0
     assert "Acc@0.5 scale0" not in picked
+
+
+def test_box_evaluation_by_outcome_tells_misses_apart(refer_root: Path) -> None:
+    """``by_outcome``: a miss inside the referent is ``imprecise``, another object's box ``other object``, a box off
+    the image ``elsewhere``; the shares add up to 100 overall and per cue, and ``hit`` is Acc@0.5."""
+    from training.datasets import read_refer
+
+    refer = read_refer(refer_root, "refsynth", "unc")
+    sentences = evaluate._refer_sentences(refer, "test")
+
+    def boxes(make: object) -> list[list[np.ndarray]]:
+        return [[make(refer.ref_box_xyxy(ref), items) for ref, _ in items] for items in sentences.values()]
+
+    def shrunk(box: np.ndarray, _: object) -> np.ndarray:  # a third of the side around the centre: IoU 1/9
+        centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 6
+        return np.concatenate([centre - half, centre + half])
+
+    runs = {
+        "imprecise": boxes(shrunk),
+        "elsewhere": boxes(lambda box, _: np.array([-20.0, -20.0, -10.0, -10.0])),
+        "first": boxes(lambda box, items: refer.ref_box_xyxy(items[0][0])),
+    }
+    for name in ("imprecise", "elsewhere"):
+        metrics = evaluate.evaluate_boxes(ScriptedGrounder(runs[name]), refer_root, split="test", by_outcome=True)
+        assert metrics[f"outcome {name}"] == 100.0 and metrics["Acc@0.5"] == 0.0
+    picked = evaluate.evaluate_boxes(ScriptedGrounder(runs["first"]), refer_root, split="test", by_cue=True,
+                                     by_outcome=True)
+    assert 0.0 < picked["outcome hit"] == picked["Acc@0.5"] < 100.0
+    assert picked["outcome other object"] == pytest.approx(100.0 - picked["Acc@0.5"])
+    cues = [c for c in evaluate.EXPRESSION_CUES if f"sentences {c}" in picked]
+    for cue in cues:
+        assert sum(picked[f"outcome {o} {cue}"] for o in evaluate.BOX_OUTCOMES) == pytest.approx(100.0)
+        assert picked[f"outcome hit {cue}"] == pytest.approx(picked[f"Acc@0.5 {cue}"])
+    assert not any(k.startswith("outcome") for k in evaluate.evaluate_boxes(
+        ScriptedGrounder(runs["first"]), refer_root, split="test"))

@@ -156,18 +156,44 @@ def _objects_of_image(refer: Any) -> dict[int, list[dict]]:
     return objects
 
 
+BOX_OUTCOMES: tuple[str, ...] = ("hit", "imprecise", "other object", "elsewhere")
+
+
+def box_outcome(box: np.ndarray, referent_id: int, objects: list[dict]) -> str:
+    """What a predicted box did, one of :data:`BOX_OUTCOMES`: ``hit`` (IoU >= 0.5 with the referent); else by
+    the annotated object of the image the box overlaps most: ``imprecise`` (the referent: found, badly boxed),
+    ``other object`` (another object, at IoU >= 0.5: the wrong one picked), ``elsewhere`` (another object, less,
+    or none at all)."""
+    ious = {a["id"]: box_iou_xyxy(box, _ann_box_xyxy(a, np.float32)) for a in objects}  # as ``ref_box_xyxy``
+    if ious[referent_id] >= 0.5:
+        return "hit"
+    best = max(ious, key=lambda ann_id: (ious[ann_id], ann_id == referent_id))
+    if ious[best] > 0 and best == referent_id:
+        return "imprecise"
+    return "other object" if ious[best] >= 0.5 else "elsewhere"
+
+
+def _ann_box_xyxy(ann: dict, dtype: Any = np.float64) -> np.ndarray:
+    x, y, w, h = ann["bbox"]
+    return np.array([x, y, x + w, y + h], dtype=dtype)
+
+
 def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", split_by: str = "unc",
-                   split: str = "test", by_cue: bool = False, per_scale: bool = False) -> dict[str, float]:
+                   split: str = "test", by_cue: bool = False, per_scale: bool = False,
+                   by_outcome: bool = False) -> dict[str, float]:
     """REC Acc@0.5 over every sentence of the split; ``chance``: the expected Acc@0.5 of picking one of the
     image's annotated objects at random. ``by_cue`` adds Acc@0.5 and chance per :func:`expression_cue`;
     ``per_scale`` adds ``Acc@0.5 scale<l>``, the Acc@0.5 of the box each scale's [REG] gives (ScanFormer's
-    ``per_scale_boxes``, coarse to fine; the last scale's is the answer): how much each finer scale refines."""
+    ``per_scale_boxes``, coarse to fine; the last scale's is the answer): how much each finer scale refines.
+    ``by_outcome`` adds ``outcome <name>``, the percentage of sentences per :func:`box_outcome` (per cue too
+    with ``by_cue``): whether a miss found the referent but boxed it badly, or picked another object."""
     from training.datasets import read_refer
 
     refer = read_refer(data_root, dataset, split_by)
     objects = _objects_of_image(refer)
     correct, chance, ious, texts = [], [], [], []
     scale_correct: list[list[bool]] = []
+    outcomes: list[str] = []
     for image_id, items in tqdm(_refer_sentences(refer, split).items(), desc="images", unit="image"):
         image = read_image(refer.image_path(items[0][0]))
         results = grounder.ground(image, [text for _, text in items])
@@ -180,13 +206,19 @@ def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", sp
             if per_scale:
                 scale_correct.append([box_iou_xyxy(np.asarray(box, np.float64), target) >= 0.5
                                       for box in result["per_scale_boxes"]])
-            candidates = [np.array([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                                    a["bbox"][1] + a["bbox"][3]]) for a in objects[image_id]]
+            if by_outcome:
+                outcomes.append(box_outcome(np.asarray(result["box_xyxy"], np.float64), ref["ann_id"],
+                                            objects[image_id]))
+            candidates = [_ann_box_xyxy(a) for a in objects[image_id]]
             chance.append(np.mean([box_iou_xyxy(c, target) >= 0.5 for c in candidates]))
     result = {"Acc@0.5": 100.0 * float(np.mean(correct)), "mean_IoU": 100.0 * float(np.mean(ious)),
               "chance_Acc@0.5": 100.0 * float(np.mean(chance)), "sentences": float(len(correct))}
+    if by_outcome:
+        shares = {f"outcome {name}": [outcome == name for outcome in outcomes] for name in BOX_OUTCOMES}
+        result.update({key: 100.0 * float(np.mean(values)) for key, values in shares.items()})
     if by_cue:
-        result.update(metrics_by_cue(texts, {"Acc@0.5": correct, "chance_Acc@0.5": chance}))
+        per_sentence = {"Acc@0.5": correct, "chance_Acc@0.5": chance, **(shares if by_outcome else {})}
+        result.update(metrics_by_cue(texts, per_sentence))
     if per_scale:
         for scale, hits in enumerate(zip(*scale_correct, strict=True)):
             result[f"Acc@0.5 scale{scale}"] = 100.0 * float(np.mean(hits))
@@ -359,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="also ScanFormer / MagNet per expression cue: location, colour, size, other")
     sub.choices["box"].add_argument("--per-scale", action="store_true",
                                     help="also the Acc@0.5 of each scale's box, coarse to fine")
+    sub.choices["box"].add_argument("--by-outcome", action="store_true",
+                                    help="also the share of boxes that hit, found the referent but boxed it "
+                                         "badly, picked another object, or neither")
     for p in (caption, sub.choices["box"], sub.choices["mask"], demo):
         p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -377,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = ScanFormerGrounder.from_checkpoint(args.checkpoint, device=args.device)
         metrics = evaluate_boxes(model, args.root, args.dataset, args.split_by, args.split, args.by_cue,
-                                 args.per_scale)
+                                 args.per_scale, args.by_outcome)
         title = f"scanformer on {args.dataset} ({args.split_by}) {args.split}"
     elif args.task == "mask":
         from models.magnet import MagNetSegmenter
