@@ -208,3 +208,22 @@ def test_box_evaluation_by_outcome_tells_misses_apart(refer_root: Path) -> None:
         assert picked[f"outcome hit {cue}"] == pytest.approx(picked[f"Acc@0.5 {cue}"])
     assert not any(k.startswith("outcome") for k in evaluate.evaluate_boxes(
         ScriptedGrounder(runs["first"]), refer_root, split="test"))
+
+
+def test_refer_ceiling_reading_every_word_finds_every_referent(refer_root: Path) -> None:
+    """The generator gives every referent a unique description, so reading every word scores 100; ignoring words
+    can only lower the figure, and ignoring every attribute leaves only the location words."""
+    from training.refer_ceiling import ceiling, read_expression
+
+    full = ceiling(refer_root)
+    shape_blind = ceiling(refer_root, blind=["shape"])
+    attribute_blind = ceiling(refer_root, blind=["shape", "colour", "size"])
+    assert full["ceiling"] == 100.0 and full["sentences"] == shape_blind["sentences"] > 0
+    assert attribute_blind["ceiling"] <= shape_blind["ceiling"] <= 100.0 and attribute_blind["ceiling"] < 100.0
+    objects = [{"id": 1, "bbox": [0, 0, 10, 10], "attributes": {"colour": "red", "size": "small", "shape": "star"}},
+               {"id": 2, "bbox": [50, 0, 10, 10], "attributes": {"colour": "red", "size": "large", "shape": "star"}},
+               {"id": 3, "bbox": [90, 0, 10, 10], "attributes": {"colour": "blue", "size": "large", "shape": "circle"}}]
+    assert [o["id"] for o in read_expression("the star on the right", objects)] == [2]
+    assert [o["id"] for o in read_expression("the star on the right", objects, blind=["shape"])] == [3]
+    assert [o["id"] for o in read_expression("big red star", objects, blind=["size"])] == [1, 2]
+    assert [o["id"] for o in read_expression("the star in the middle", objects, blind=["shape"])] == [2]
