@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -89,7 +90,9 @@ def test_sigterm_stops_the_generator_children(tmp_path: Path, runner: str) -> No
                    "with sigterm_as_exit():\n"
                    f"    generate_parallel({str(out)!r}, ['caption', 'person'], seed=3, size='medium', jobs=2)\n"]
         children = 2
-    parent = subprocess.Popen([sys.executable, *command], cwd=ROOT)
+    # started already pinned (some machines set OPENBLAS_CORETYPE for every process), the CLI generates in-process
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    parent = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env)
     deadline = time.monotonic() + 60
     while len([p for p in _processes_mentioning(f"--out {out}") if p != parent.pid]) < children:
         assert parent.poll() is None and time.monotonic() < deadline, "the generators did not start"
