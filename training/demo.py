@@ -9,11 +9,11 @@
    ``<out>/manifest.json``: the command, seed, data versions, the training summary and the held-out metrics of
    each model next to its chance level (``python -m training.evaluate demo`` prints them again).
 
-On idle 2-core AMD EPYC machines the whole run (data generation included) took 26 to 44 minutes: 31 min 20 s on
-an AMD EPYC family 25 model 17 (the run that made the shipped IRRA, IVT and LAPS files), 38 min 55 s on an AMD EPYC
-family 25 model 1 (the shipped MagNet file, with its seventh epoch) and 38 min 10 s on that model again with the
-bit-for-bit speed-ups of a later session; 21 min 5 s on an AMD EPYC family 26 model 2 and 25 min 41 s on a 2-core
-Intel Xeon family 6 model 167; the table of runs is in ``weights/demo/README.md``.
+On idle 2-core machines the whole run (data generation included) took 19 to 44 minutes: 31 min 20 s on an AMD EPYC
+family 25 model 17 (the run that made the shipped LAPS file), 38 min 55 s on an AMD EPYC family 25 model 1 (the
+shipped MagNet file, with its seventh epoch) and 38 min 10 s on that model again with the bit-for-bit speed-ups of
+a later session; 18 min 54 s on an AMD EPYC family 26 model 2 with the current presets and 25 min 41 s on an Intel
+Xeon family 6 model 167; the table of runs is in ``weights/demo/README.md``.
 ``manifest.json`` records the steps and seconds each model took, and the machine. On one machine the
 run is deterministic; on another CPU the kernels round differently and the held-out figures move as much as
 with another seed (``weights/demo/README.md``).
