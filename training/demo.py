@@ -12,7 +12,7 @@
 On idle 2-core machines the whole run (data generation included) took 19 to 44 minutes: 31 min 20 s on an AMD EPYC
 family 25 model 17 (the run that made the shipped LAPS file), 38 min 55 s on an AMD EPYC family 25 model 1 (the
 shipped MagNet file, with its seventh epoch) and 38 min 10 s on that model again with the bit-for-bit speed-ups of
-a later session; 18 min 54 s on an AMD EPYC family 26 model 2 with the current presets and 25 min 41 s on an Intel
+a later session; 22 min 38 s on an AMD EPYC family 26 model 2 with the current presets and 25 min 41 s on an Intel
 Xeon family 6 model 167; the table of runs is in ``weights/demo/README.md``.
 ``manifest.json`` records the steps and seconds each model took, and the machine. On one machine the
 run is deterministic; on another CPU the kernels round differently and the held-out figures move as much as
