@@ -200,15 +200,15 @@ def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", sp
         texts += [text for _, text in items]
         for (ref, _), result in zip(items, results, strict=True):
             target = refer.ref_box_xyxy(ref)
-            iou = box_iou_xyxy(np.asarray(result["box_xyxy"], np.float64), target)
+            box = np.asarray(result["box_xyxy"], np.float64)
+            iou = box_iou_xyxy(box, target)
             ious.append(iou)
             correct.append(iou >= 0.5)
             if per_scale:
                 scale_correct.append([box_iou_xyxy(np.asarray(box, np.float64), target) >= 0.5
                                       for box in result["per_scale_boxes"]])
             if by_outcome:
-                outcomes.append(box_outcome(np.asarray(result["box_xyxy"], np.float64), ref["ann_id"],
-                                            objects[image_id]))
+                outcomes.append(box_outcome(box, ref["ann_id"], objects[image_id]))
             candidates = [_ann_box_xyxy(a) for a in objects[image_id]]
             chance.append(np.mean([box_iou_xyxy(c, target) >= 0.5 for c in candidates]))
     result = {"Acc@0.5": 100.0 * float(np.mean(correct)), "mean_IoU": 100.0 * float(np.mean(ious)),

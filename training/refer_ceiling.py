@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.evaluate import EXPRESSION_CUES, _objects_of_image, _refer_sentences, expression_cue
+from training.evaluate import CUE_WORDS, _objects_of_image, _refer_sentences, metrics_by_cue
 from training.synthetic import LOCATION_PHRASES, SHAPE_COLOURS, SHAPES, SIZE_WORDS, expression_words
 
 ATTRIBUTE_WORDS: dict[str, dict[str, frozenset[str]]] = {  # attribute -> value -> the words that name it
@@ -26,9 +26,11 @@ ATTRIBUTE_WORDS: dict[str, dict[str, frozenset[str]]] = {  # attribute -> value 
     "size": {size: frozenset(words) for size, words in SIZE_WORDS.items()},
     "shape": {shape: frozenset([shape]) for shape in SHAPES},
 }
-LOCATION_WORDS: dict[str, str] = {"left": "left", "right": "right", "top": "top", "bottom": "bottom",
-                                  "middle": "middle", "center": "middle"}
-assert set(LOCATION_WORDS.values()) == set(LOCATION_PHRASES)
+# location word -> location, over the words ``training.evaluate.expression_cue`` counts as location words
+LOCATION_WORDS: dict[str, str] = {
+    word: location for location, phrases in LOCATION_PHRASES.items() for phrase in phrases for word in phrase.split()
+    if word in dict(CUE_WORDS)["location"]
+}
 
 
 def _centre(ann: dict) -> tuple[float, float]:
@@ -62,19 +64,14 @@ def ceiling(data_root: Path, blind: Sequence[str] = (), split: str = "test", dat
 
     refer = read_refer(data_root, dataset, split_by)
     objects = _objects_of_image(refer)
-    scores: dict[str, list[float]] = {"all": []}
+    texts, scores = [], []
     for image_id, items in _refer_sentences(refer, split).items():
         for ref, text in items:
             left = read_expression(text, objects[image_id], blind)
-            score = 1.0 / len(left) if any(o["id"] == ref["ann_id"] for o in left) else 0.0
-            scores["all"].append(score)
-            scores.setdefault(expression_cue(text), []).append(score)
-    result = {"ceiling": 100.0 * float(np.mean(scores["all"])), "sentences": float(len(scores["all"]))}
-    for cue in EXPRESSION_CUES:
-        if cue in scores:
-            result[f"ceiling {cue}"] = 100.0 * float(np.mean(scores[cue]))
-            result[f"sentences {cue}"] = float(len(scores[cue]))
-    return result
+            texts.append(text)
+            scores.append(1.0 / len(left) if any(o["id"] == ref["ann_id"] for o in left) else 0.0)
+    result = {"ceiling": 100.0 * float(np.mean(scores)), "sentences": float(len(scores))}
+    return {**result, **metrics_by_cue(texts, {"ceiling": scores})}
 
 
 def main(argv: list[str] | None = None) -> int:
