@@ -205,8 +205,8 @@ def evaluate_boxes(grounder: Any, data_root: Path, dataset: str = "refsynth", sp
             ious.append(iou)
             correct.append(iou >= 0.5)
             if per_scale:
-                scale_correct.append([box_iou_xyxy(np.asarray(box, np.float64), target) >= 0.5
-                                      for box in result["per_scale_boxes"]])
+                scale_correct.append([box_iou_xyxy(np.asarray(scale_box, np.float64), target) >= 0.5
+                                      for scale_box in result["per_scale_boxes"]])
             if by_outcome:
                 outcomes.append(box_outcome(box, ref["ann_id"], objects[image_id]))
             candidates = [_ann_box_xyxy(a) for a in objects[image_id]]
